@@ -1,0 +1,18 @@
+//! The agent API shared by the Carapace runtime (client) and `carapace-agent`
+//! (server): the protobuf messages and the tonic client and server for
+//! `proto/agent.proto`, plus the constants both sides agree on.
+
+/// Generated code for the `carapace.agent.v1` package.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("carapace.agent.v1");
+}
+
+/// The newest agent API revision this build speaks.
+pub const API_VERSION: u32 = 1;
+
+/// The oldest agent API revision this build still serves.
+pub const MIN_API_VERSION: u32 = 1;
+
+/// The vsock port the agent listens on inside the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;

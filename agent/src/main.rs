@@ -1,0 +1,135 @@
+//! `carapace-agent`: PID 1 of every Carapace pod VM.
+//!
+//! As init (PID 1) it prepares the guest's base mounts and serves the agent
+//! API on vsock port 1024. Run as an ordinary process (tests, development) it
+//! serves the same API on the address given with `--listen`.
+//!
+//! PID 1 must never exit while the VM is meant to run (the kernel panics when
+//! init exits), so every failure past argument parsing is logged and retried.
+
+mod init;
+mod listen;
+mod service;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use listen::ListenAddr;
+
+const USAGE: &str = "usage: carapace-agent [--listen vsock:<port> | --listen unix:<path>]";
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let is_init = std::process::id() == 1;
+    init_logging();
+
+    let listen = if is_init {
+        // The kernel hands init the command-line words it did not consume:
+        // they are not for us, so init ignores its arguments.
+        init::setup();
+        ListenAddr::Vsock(carapace_agent_api::AGENT_VSOCK_PORT)
+    } else {
+        match parse_args(std::env::args().skip(1)) {
+            Ok(addr) => addr,
+            Err(msg) => {
+                eprintln!("carapace-agent: {msg}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+
+    let result = run(listen, started, is_init);
+    if is_init {
+        // Unreachable in practice (`run` retries forever as init), but init
+        // must not return: park the thread instead.
+        tracing::error!("agent server loop ended; init stays parked");
+        loop {
+            std::thread::park();
+        }
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CARAPACE_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<ListenAddr, String> {
+    let mut listen = None;
+    while let Some(arg) = args.next() {
+        let value = match arg.as_str() {
+            "--listen" => args.next().ok_or("--listen needs a value")?,
+            other => match other.strip_prefix("--listen=") {
+                Some(v) => v.to_owned(),
+                None => return Err(format!("unknown argument {other:?}")),
+            },
+        };
+        listen = Some(value.parse::<ListenAddr>()?);
+    }
+    listen.ok_or_else(|| "--listen is required when not running as init".to_owned())
+}
+
+fn run(listen: ListenAddr, started: Instant, is_init: bool) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        loop {
+            let result = service::serve(&listen, started).await;
+            if !is_init {
+                return result.map_err(|e| e.to_string());
+            }
+            if let Err(e) = result {
+                tracing::error!("agent server failed, restarting in 1s: {e}");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> impl Iterator<Item = String> {
+        list.iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn parses_listen_forms() {
+        assert_eq!(
+            parse_args(args(&["--listen", "vsock:1024"])).unwrap(),
+            ListenAddr::Vsock(1024)
+        );
+        assert_eq!(
+            parse_args(args(&["--listen=unix:/run/a.sock"])).unwrap(),
+            ListenAddr::Unix("/run/a.sock".into())
+        );
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        assert!(parse_args(args(&[])).is_err());
+        assert!(parse_args(args(&["--listen"])).is_err());
+        assert!(parse_args(args(&["--bogus"])).is_err());
+        assert!(parse_args(args(&["--listen", "tcp:1"])).is_err());
+        assert!(parse_args(args(&["--listen", "vsock:notaport"])).is_err());
+    }
+}

@@ -1,0 +1,6 @@
+//! The Carapace runtime: a Kubernetes CRI runtime that runs every pod in its
+//! own KVM microVM.
+
+pub mod agent_client;
+pub mod host;
+pub mod vm;

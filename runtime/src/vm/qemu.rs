@@ -1,0 +1,348 @@
+//! The `qemu` driver: `qemu-system-x86_64 -M microvm`, with KVM where the host
+//! has hardware virtualization and TCG otherwise, and `vhost-device-vsock` as
+//! the vsock backend, whose `--uds-path` socket is the hybrid-vsock host side.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use super::{find_in_path, VmSpec};
+use crate::host::KvmKind;
+
+/// How long the vsock backend may take to create its vhost-user socket.
+const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a VM may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Errors of the qemu driver.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("{0} not found in PATH (run the setup script)")]
+    MissingTool(&'static str),
+    #[error("VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("vsock backend did not come up: {0}")]
+    BackendNotReady(String),
+}
+
+/// Which accelerator QEMU runs the guest with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// KVM when the host offers hardware KVM, TCG otherwise (PVM cannot boot
+    /// Linux guests).
+    pub fn for_host(kind: KvmKind) -> Self {
+        match kind {
+            KvmKind::Hardware => Accel::Kvm,
+            KvmKind::Pvm | KvmKind::None => Accel::Tcg,
+        }
+    }
+}
+
+/// Starts VMs with QEMU.
+#[derive(Debug, Clone)]
+pub struct QemuDriver {
+    qemu: PathBuf,
+    vsock_backend: PathBuf,
+    accel: Accel,
+}
+
+impl QemuDriver {
+    /// Finds QEMU and the vsock backend in `$PATH` and picks the accelerator
+    /// from what the host offers.
+    pub fn from_host() -> Result<Self, QemuError> {
+        Ok(Self {
+            qemu: find_in_path("qemu-system-x86_64")
+                .ok_or(QemuError::MissingTool("qemu-system-x86_64"))?,
+            vsock_backend: find_in_path("vhost-device-vsock")
+                .ok_or(QemuError::MissingTool("vhost-device-vsock"))?,
+            accel: Accel::for_host(KvmKind::detect()),
+        })
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The QEMU command line for `spec` (without the binary).
+    pub fn qemu_args(&self, spec: &VmSpec, vhost_socket: &Path) -> Vec<String> {
+        let mem = spec.mem_mib;
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        let mut args: Vec<String> = [
+            "-M",
+            // acpi=off: our kernel has no ACPI, and only then does QEMU put
+            // the virtio-mmio devices on the kernel command line.
+            "microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off",
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        args.extend([
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-m".into(),
+            format!("{mem}M"),
+            // vhost-user backends need the guest RAM in a shareable memfd.
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-chardev".into(),
+            format!("file,id=console,path={}", spec.console_log().display()),
+            "-serial".into(),
+            "chardev:console".into(),
+            "-chardev".into(),
+            format!("socket,id=vsock,path={}", vhost_socket.display()),
+            "-device".into(),
+            "vhost-user-vsock-device,chardev=vsock".into(),
+            "-kernel".into(),
+            spec.kernel.display().to_string(),
+            "-initrd".into(),
+            spec.initrd.display().to_string(),
+            "-append".into(),
+            spec.cmdline(),
+        ]);
+        args
+    }
+
+    /// Starts the vsock backend, then QEMU. Returns once QEMU runs; the agent
+    /// is ready when it answers (see `AgentClient::wait_ready`).
+    pub async fn start(&self, spec: &VmSpec) -> Result<QemuVm, QemuError> {
+        validate(spec)?;
+        let vhost_socket = spec.run_dir.join("vhost-vsock.sock");
+        let vsock_socket = spec.vsock_socket();
+        for stale in [&vhost_socket, &vsock_socket] {
+            let _ = std::fs::remove_file(stale);
+        }
+
+        let mut backend = Command::new(&self.vsock_backend)
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid=3,socket={},uds-path={}",
+                vhost_socket.display(),
+                vsock_socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(open_log(
+                &spec.run_dir.join("vsock-backend.log"),
+            )?))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| QemuError::Spawn {
+                what: "vhost-device-vsock",
+                source,
+            })?;
+        wait_for_socket(&mut backend, &vhost_socket).await?;
+
+        let started_at = Instant::now();
+        let qemu = Command::new(&self.qemu)
+            .args(self.qemu_args(spec, &vhost_socket))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(open_log(&spec.run_dir.join("qemu.log"))?))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| QemuError::Spawn {
+                what: "qemu-system-x86_64",
+                source,
+            })?;
+        Ok(QemuVm {
+            qemu,
+            backend,
+            vsock_socket,
+            vhost_socket,
+            console_log: spec.console_log(),
+            started_at,
+        })
+    }
+}
+
+fn validate(spec: &VmSpec) -> Result<(), QemuError> {
+    for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
+        if !path.is_file() {
+            return Err(QemuError::InvalidSpec(format!(
+                "{what} {} is not a file",
+                path.display()
+            )));
+        }
+    }
+    if spec.vcpus == 0 {
+        return Err(QemuError::InvalidSpec("vcpus must be at least 1".into()));
+    }
+    if spec.mem_mib < 64 {
+        return Err(QemuError::InvalidSpec("mem_mib must be at least 64".into()));
+    }
+    if !spec.run_dir.is_dir() {
+        return Err(QemuError::InvalidSpec(format!(
+            "run_dir {} is not a directory",
+            spec.run_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn open_log(path: &Path) -> Result<std::fs::File, QemuError> {
+    std::fs::File::create(path).map_err(|source| QemuError::Spawn {
+        what: "log file",
+        source,
+    })
+}
+
+async fn wait_for_socket(backend: &mut Child, socket: &Path) -> Result<(), QemuError> {
+    let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
+    loop {
+        if socket.exists() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = backend.try_wait() {
+            return Err(QemuError::BackendNotReady(format!("exited with {status}")));
+        }
+        if Instant::now() >= deadline {
+            return Err(QemuError::BackendNotReady(format!(
+                "no socket at {} after {BACKEND_READY_TIMEOUT:?}",
+                socket.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A running QEMU VM. Dropping it kills the processes; [`QemuVm::stop`]
+/// stops them gracefully.
+#[derive(Debug)]
+pub struct QemuVm {
+    qemu: Child,
+    backend: Child,
+    vsock_socket: PathBuf,
+    vhost_socket: PathBuf,
+    console_log: PathBuf,
+    started_at: Instant,
+}
+
+impl QemuVm {
+    /// The hybrid-vsock socket to reach the guest.
+    pub fn vsock_socket(&self) -> &Path {
+        &self.vsock_socket
+    }
+
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    /// When QEMU was spawned.
+    pub fn started_at(&self) -> Instant {
+        self.started_at
+    }
+
+    /// The QEMU process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.qemu.id()
+    }
+
+    /// Whether QEMU has exited (and with what), without waiting.
+    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.qemu.try_wait().ok().flatten()
+    }
+
+    /// Stops the VM: SIGTERM to QEMU, SIGKILL after a grace period, then the
+    /// backend; removes the sockets.
+    pub async fn stop(mut self) {
+        terminate(&mut self.qemu, STOP_GRACE).await;
+        terminate(&mut self.backend, STOP_GRACE).await;
+        for socket in [&self.vsock_socket, &self.vhost_socket] {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
+}
+
+async fn terminate(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path) -> VmSpec {
+        VmSpec {
+            kernel: dir.join("vmlinux"),
+            initrd: dir.join("initrd"),
+            vcpus: 1,
+            mem_mib: 128,
+            extra_cmdline: String::new(),
+            run_dir: dir.to_owned(),
+        }
+    }
+
+    #[test]
+    fn command_line_shares_memory_and_wires_vsock() {
+        let driver = QemuDriver {
+            qemu: "qemu".into(),
+            vsock_backend: "vdv".into(),
+            accel: Accel::Tcg,
+        };
+        let dir = Path::new("/run/vm1");
+        let args = driver
+            .qemu_args(&spec(dir), &dir.join("vhost.sock"))
+            .join(" ");
+        assert!(args.contains("-accel tcg -cpu max"), "{args}");
+        assert!(args.contains("memory-backend-memfd,id=mem,size=128M,share=on"));
+        assert!(args.contains("socket,id=vsock,path=/run/vm1/vhost.sock"));
+        assert!(args.contains("vhost-user-vsock-device,chardev=vsock"));
+        assert!(args.contains("acpi=off"));
+        assert!(args.ends_with(&format!("-append {}", super::super::BASE_CMDLINE)));
+    }
+
+    #[test]
+    fn kvm_accel_on_hardware_only() {
+        assert_eq!(Accel::for_host(KvmKind::Hardware), Accel::Kvm);
+        assert_eq!(Accel::for_host(KvmKind::Pvm), Accel::Tcg);
+        assert_eq!(Accel::for_host(KvmKind::None), Accel::Tcg);
+    }
+
+    #[test]
+    fn rejects_invalid_specs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path());
+        assert!(matches!(validate(&s), Err(QemuError::InvalidSpec(m)) if m.contains("kernel")));
+        std::fs::write(&s.kernel, b"k").unwrap();
+        std::fs::write(&s.initrd, b"i").unwrap();
+        assert!(validate(&s).is_ok());
+        s.vcpus = 0;
+        assert!(validate(&s).is_err());
+        s.vcpus = 1;
+        s.mem_mib = 1;
+        assert!(validate(&s).is_err());
+    }
+}
