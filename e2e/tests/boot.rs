@@ -1,0 +1,28 @@
+//! The first real boot: our vmlinux and initramfs under QEMU, the agent
+//! reached from the host through the hybrid-vsock convention.
+
+use carapace_e2e::TestVm;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_answers_health_with_its_version() {
+    let mut vm = TestVm::boot().await;
+    let first = vm.first_health().clone();
+    assert_eq!(first.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(first.api_version, carapace_agent_api::API_VERSION);
+    assert_eq!(first.min_api_version, carapace_agent_api::MIN_API_VERSION);
+
+    // A second call on the same channel, later: the agent keeps serving and
+    // its uptime moves forward.
+    let again = vm.agent().health().await.expect("second health call");
+    assert_eq!(again.agent_version, first.agent_version);
+    assert!(again.uptime_ms >= first.uptime_ms);
+
+    // The agent logs to the console as init.
+    let console = vm.console();
+    assert!(
+        console.contains("listening on vsock port 1024"),
+        "console: {console}"
+    );
+    eprintln!("boot to agent ready: {:?}", vm.boot_time());
+    vm.shutdown().await;
+}

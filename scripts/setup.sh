@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Sets up a Debian 12 machine for Carapace, idempotently:
+#   - Debian packages (QEMU, build tools for the guest kernel, protoc, ...),
+#   - cargo-installed tools (vhost-device-vsock, cargo-nextest), cached by version,
+#   - the guest kernel (cached on its config) and the guest image,
+#   - the `carapace` binary and the guest artifacts under /usr/local.
+# Needs root (apt, /usr/local). Honors CARAPACE_CACHE_DIR (default ~/.cache/carapace).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${CARAPACE_CACHE_DIR:-$HOME/.cache/carapace}
+prefix=${CARAPACE_PREFIX:-/usr/local}
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh installs packages and needs root" >&2
+  exit 1
+fi
+
+# --- Debian packages -----------------------------------------------------------
+packages=(
+  qemu-system-x86             # the qemu VM driver (TCG where there is no hardware KVM)
+  protobuf-compiler           # tonic code generation for the agent API
+  busybox-static              # test root filesystems
+  pkg-config gcc make         # -sys crates
+  flex bison libelf-dev libssl-dev bc cpio xz-utils   # guest kernel build
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- cargo-installed tools, cached per version -------------------------------------
+cargo_tool() { # <crate> <version> <binary>
+  local crate=$1 version=$2 bin=$3
+  local dir="$cache/tools/$crate-$version"
+  if [ ! -x "$dir/bin/$bin" ]; then
+    log "cargo install $crate@$version"
+    cargo install --quiet --locked --root "$dir.tmp" "$crate@$version"
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  fi
+  ln -sf "$dir/bin/$bin" "$prefix/bin/$bin"
+}
+mkdir -p "$cache/tools" "$prefix/bin"
+cargo_tool vhost-device-vsock 0.3.0 vhost-device-vsock
+command -v cargo-nextest >/dev/null || cargo_tool cargo-nextest 0.9.143 cargo-nextest
+
+# --- guest kernel and image -------------------------------------------------------
+cd "$root"
+log "guest kernel and image (cargo xtask guest)"
+cargo xtask guest
+log "carapace (release build)"
+cargo build --quiet --release --package carapace
+install -d "$prefix/share/carapace"
+install -m 0644 target/guest/vmlinux target/guest/initramfs.cpio "$prefix/share/carapace/"
+install -m 0755 target/release/carapace "$prefix/bin/carapace"
+log "setup done: $prefix/bin/carapace, guest in $prefix/share/carapace"

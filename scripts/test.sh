@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: setup (idempotent, cached), format, lints, unit, kvm
+# and end-to-end tests.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+"$root/scripts/setup.sh"
+log "cargo fmt --check"
+cargo fmt --all --check
+log "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "tests (unit, kvm, e2e)"
+cargo nextest run --workspace --no-fail-fast
