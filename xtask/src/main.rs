@@ -98,7 +98,7 @@ fn guest_image(root: &Path, out: &Path) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(root)
-        .args(["build", "--package", "carapace-agent", "--profile", "guest"])
+        .args(["build", "--package", "carapace-agent", "--profile", "guest-release"])
         .args(["--target", GUEST_TARGET])
         // Only the agent (the target) is linked static; build scripts and
         // proc macros, built for the host, are not affected.
@@ -113,7 +113,7 @@ fn guest_image(root: &Path, out: &Path) -> anyhow::Result<()> {
     }
     let agent = target_dir(root)
         .join(GUEST_TARGET)
-        .join("guest")
+        .join("guest-release")
         .join("carapace-agent");
     let binary = std::fs::read(&agent).with_context(|| format!("reading {}", agent.display()))?;
     if initramfs::has_interpreter(&binary)? {

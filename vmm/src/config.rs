@@ -1,0 +1,337 @@
+//! The VM configuration: a JSON document given to `carapace-vmm --config`.
+//!
+//! Parsed with serde (`deny_unknown_fields`, so a typo is an error rather than a silently
+//! ignored setting) and validated once by [`VmConfig::validate`], before anything is created.
+//! Every validation error names the offending field with its JSON path.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs a VM may have (one thread each).
+pub const MAX_VCPUS: u8 = 32;
+/// Smallest guest RAM we accept: below this nothing useful boots.
+pub const MIN_MEM_MIB: u32 = 16;
+/// Largest guest RAM we accept (guards against a typo eating the host).
+pub const MAX_MEM_MIB: u32 = 256 * 1024;
+/// Longest kernel command line we pass, terminating NUL excluded (x86 `COMMAND_LINE_SIZE` is
+/// 2048 including the NUL); the VMM appends its own `virtio_mmio.device=` entries to it.
+pub const MAX_CMDLINE_LEN: usize = 2047;
+/// `sun_path` is 108 bytes including the NUL; the vsock listener names are `<uds_path>_<port>`,
+/// so leave room for the longest suffix.
+pub const MAX_UDS_PATH_LEN: usize = 107 - "_4294967295".len();
+
+/// A command line that boots a Linux guest on this VMM's devices.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule";
+
+/// Errors from reading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The JSON is malformed, has an unknown field, or a field of the wrong type.
+    #[error("invalid config: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// A field has a value we do not accept.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// JSON path of the field, e.g. `vsock.guest_cid`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SerialOutput {
+    /// Discard the console output.
+    None,
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// Append to this file (created if missing).
+    File(PathBuf),
+}
+
+/// The hybrid-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 ..= 0xffff_fffe).
+    pub guest_cid: u32,
+    /// Host unix socket: the host connects here and writes `CONNECT <port>\n`. Guest
+    /// connections to port P go to a host listener at `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+/// The whole VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Number of vCPUs (1 ..= 32).
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u32,
+    /// Uncompressed `vmlinux` ELF.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; the VMM appends its device entries.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Serial console destination.
+    #[serde(default)]
+    pub serial: SerialOutput,
+    /// Optional virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// Optional control API socket.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+/// A configuration that passed [`VmConfig::validate`]; the builder only accepts this.
+#[derive(Debug, Clone)]
+pub struct ValidatedConfig(VmConfig);
+
+impl ValidatedConfig {
+    /// The configuration.
+    pub fn get(&self) -> &VmConfig {
+        &self.0
+    }
+}
+
+impl VmConfig {
+    /// Reads and parses a JSON file (does not validate).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Parses JSON text (does not validate).
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Checks every field; on success nothing else needs checking before the VM is built.
+    pub fn validate(self) -> Result<ValidatedConfig, ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(invalid("vcpus", format!("must be 1 to {MAX_VCPUS}")));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_size_mib) {
+            return Err(invalid(
+                "mem_size_mib",
+                format!("must be {MIN_MEM_MIB} to {MAX_MEM_MIB}"),
+            ));
+        }
+        check_regular_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_regular_file("initrd", initrd)?;
+        }
+        if self.cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(invalid(
+                "cmdline",
+                format!("longer than {MAX_CMDLINE_LEN} bytes"),
+            ));
+        }
+        if !self.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(invalid("cmdline", "must be printable ASCII"));
+        }
+        if let SerialOutput::File(path) = &self.serial {
+            check_parent_dir("serial.file", path)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.guest_cid < 3 || vsock.guest_cid == u32::MAX {
+                return Err(invalid(
+                    "vsock.guest_cid",
+                    "must be 3 to 4294967294 (0-2 and -1 are reserved)",
+                ));
+            }
+            check_socket_path("vsock.uds_path", &vsock.uds_path, MAX_UDS_PATH_LEN)?;
+        }
+        if let Some(api) = &self.api_socket {
+            check_socket_path("api_socket", api, 107)?;
+        }
+        Ok(ValidatedConfig(self))
+    }
+}
+
+fn check_regular_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(invalid(field, format!("{} is not a file", path.display()))),
+        Err(e) => Err(invalid(field, format!("{}: {e}", path.display()))),
+    }
+}
+
+fn check_parent_dir(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(invalid(
+            field,
+            format!("directory {} does not exist", parent.display()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_socket_path(field: &'static str, path: &Path, max: usize) -> Result<(), ConfigError> {
+    let len = path.as_os_str().len();
+    if len == 0 || len > max {
+        return Err(invalid(
+            field,
+            format!("path must be 1 to {max} bytes long"),
+        ));
+    }
+    check_parent_dir(field, path)?;
+    if path.symlink_metadata().is_ok() {
+        return Err(invalid(field, format!("{} already exists", path.display())));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_file() -> tempfile::NamedTempFile {
+        tempfile::NamedTempFile::new().unwrap()
+    }
+
+    fn base(kernel: &Path) -> String {
+        format!(
+            r#"{{"vcpus": 1, "mem_size_mib": 128, "kernel": "{}"}}"#,
+            kernel.display()
+        )
+    }
+
+    fn field_of(err: ConfigError) -> &'static str {
+        match err {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let k = kernel_file();
+        let cfg = VmConfig::from_json(&base(k.path()))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(cfg.get().cmdline, DEFAULT_CMDLINE);
+        assert_eq!(cfg.get().serial, SerialOutput::Stdout);
+        assert!(cfg.get().vsock.is_none());
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_by_name() {
+        let k = kernel_file();
+        let json = base(k.path()).replace("\"vcpus\"", "\"vcpu_count\": 1, \"vcpus\"");
+        let err = VmConfig::from_json(&json).unwrap_err().to_string();
+        assert!(err.contains("unknown field `vcpu_count`"), "{err}");
+    }
+
+    #[test]
+    fn each_invalid_field_is_named() {
+        let k = kernel_file();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = VmConfig::from_json(&base(k.path())).unwrap();
+        let ok = cfg.clone();
+
+        cfg.vcpus = 0;
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "vcpus");
+        cfg = ok.clone();
+        cfg.mem_size_mib = 1;
+        assert_eq!(
+            field_of(cfg.clone().validate().unwrap_err()),
+            "mem_size_mib"
+        );
+        cfg = ok.clone();
+        cfg.kernel = dir.path().join("missing");
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "kernel");
+        cfg = ok.clone();
+        cfg.initrd = Some(dir.path().to_path_buf());
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "initrd");
+        cfg = ok.clone();
+        cfg.cmdline = "a\nb".into();
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "cmdline");
+        cfg = ok.clone();
+        cfg.cmdline = "x".repeat(MAX_CMDLINE_LEN + 1);
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "cmdline");
+        cfg = ok.clone();
+        cfg.serial = SerialOutput::File(dir.path().join("no/such/dir/log"));
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "serial.file");
+        cfg = ok.clone();
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: dir.path().join("v.sock"),
+        });
+        assert_eq!(
+            field_of(cfg.clone().validate().unwrap_err()),
+            "vsock.guest_cid"
+        );
+        cfg = ok.clone();
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: PathBuf::from("/").join("x".repeat(120)),
+        });
+        assert_eq!(
+            field_of(cfg.clone().validate().unwrap_err()),
+            "vsock.uds_path"
+        );
+        cfg = ok.clone();
+        cfg.api_socket = Some(k.path().to_path_buf());
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "api_socket");
+    }
+
+    #[test]
+    fn full_config_round_trips() {
+        let k = kernel_file();
+        let dir = tempfile::tempdir().unwrap();
+        let json = format!(
+            r#"{{"vcpus": 2, "mem_size_mib": 256, "kernel": "{k}", "cmdline": "console=ttyS0",
+                "serial": {{"file": "{d}/console.log"}},
+                "vsock": {{"guest_cid": 3, "uds_path": "{d}/v.sock"}},
+                "api_socket": "{d}/api.sock"}}"#,
+            k = k.path().display(),
+            d = dir.path().display()
+        );
+        let cfg = VmConfig::from_json(&json).unwrap().validate().unwrap();
+        let cfg = cfg.get();
+        assert_eq!(
+            cfg.serial,
+            SerialOutput::File(dir.path().join("console.log"))
+        );
+        assert_eq!(cfg.vsock.as_ref().unwrap().guest_cid, 3);
+        let again: VmConfig = serde_json::from_str(&serde_json::to_string(cfg).unwrap()).unwrap();
+        assert_eq!(&again, cfg);
+    }
+}
