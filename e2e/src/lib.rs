@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use carapace::agent_client::AgentClient;
-use carapace::vm::qemu::{QemuDriver, QemuVm};
+use carapace::vm::qemu::{QemuDriver, QemuHandle, QemuVm};
 use carapace::vm::VmSpec;
 use carapace_agent_api::v1::HealthResponse;
 
@@ -149,9 +149,9 @@ impl TestVm {
         std::fs::read_to_string(self.run_dir.path().join("console.log")).unwrap_or_default()
     }
 
-    /// The QEMU process, to observe or kill it from a test.
-    pub fn vm_mut(&mut self) -> &mut QemuVm {
-        self.vm.as_mut().expect("the VM is running")
+    /// The VM's processes, to observe or kill them from a test.
+    pub fn handle(&self) -> &QemuHandle {
+        &self.vm.as_ref().expect("the VM is running").handle
     }
 
     /// Stops the VM and removes its run directory.
@@ -176,7 +176,11 @@ impl Drop for TestVm {
                 kept.display()
             );
         }
-        // QemuVm's children are killed on drop.
+        // VM processes outlive their handles by design (they must survive
+        // a daemon restart); a test VM must not outlive its test.
+        if let Some(vm) = self.vm.take() {
+            vm.handle.kill_now();
+        }
     }
 }
 

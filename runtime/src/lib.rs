@@ -2,5 +2,8 @@
 //! own KVM microVM.
 
 pub mod agent_client;
+pub mod config;
 pub mod host;
+pub mod image;
+pub mod state;
 pub mod vm;

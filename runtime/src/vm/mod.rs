@@ -4,6 +4,7 @@
 //! is reachable through a hybrid-vsock unix socket (see `agent_client`), a
 //! console log file, and a way to stop it.
 
+pub mod process;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};

@@ -3,11 +3,12 @@
 //! the vsock backend, whose `--uds-path` socket is the hybrid-vsock host side.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::process::{Child, Command};
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
 
+use super::process::VmProcess;
 use super::{find_in_path, VmSpec};
 use crate::host::KvmKind;
 
@@ -126,7 +127,8 @@ impl QemuDriver {
     }
 
     /// Starts the vsock backend, then QEMU. Returns once QEMU runs; the agent
-    /// is ready when it answers (see `AgentClient::wait_ready`).
+    /// is ready when it answers (see `AgentClient::wait_ready`). The
+    /// processes run detached from the daemon (see [`VmProcess`]).
     pub async fn start(&self, spec: &VmSpec) -> Result<QemuVm, QemuError> {
         validate(spec)?;
         let vhost_socket = spec.run_dir.join("vhost-vsock.sock");
@@ -135,44 +137,47 @@ impl QemuDriver {
             let _ = std::fs::remove_file(stale);
         }
 
-        let mut backend = Command::new(&self.vsock_backend)
-            .arg("--vm")
-            .arg(format!(
-                "guest-cid=3,socket={},uds-path={}",
-                vhost_socket.display(),
-                vsock_socket.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(open_log(
-                &spec.run_dir.join("vsock-backend.log"),
-            )?))
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                what: "vhost-device-vsock",
-                source,
-            })?;
-        wait_for_socket(&mut backend, &vhost_socket).await?;
+        let mut backend_cmd = Command::new(&self.vsock_backend);
+        backend_cmd.arg("--vm").arg(format!(
+            "guest-cid=3,socket={},uds-path={}",
+            vhost_socket.display(),
+            vsock_socket.display()
+        ));
+        let backend = VmProcess::spawn(
+            "vhost-device-vsock",
+            backend_cmd,
+            &spec.run_dir.join("vsock-backend.log"),
+        )
+        .map_err(|source| QemuError::Spawn {
+            what: "vhost-device-vsock",
+            source,
+        })?;
+        if let Err(e) = wait_for_socket(&backend, &vhost_socket).await {
+            backend.kill_now();
+            return Err(e);
+        }
 
         let started_at = Instant::now();
-        let qemu = Command::new(&self.qemu)
-            .args(self.qemu_args(spec, &vhost_socket))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(open_log(&spec.run_dir.join("qemu.log"))?))
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                what: "qemu-system-x86_64",
-                source,
-            })?;
+        let mut qemu_cmd = Command::new(&self.qemu);
+        qemu_cmd.args(self.qemu_args(spec, &vhost_socket));
+        let qemu = match VmProcess::spawn("qemu", qemu_cmd, &spec.run_dir.join("qemu.log")) {
+            Ok(qemu) => qemu,
+            Err(source) => {
+                backend.kill_now();
+                return Err(QemuError::Spawn {
+                    what: "qemu-system-x86_64",
+                    source,
+                });
+            }
+        };
         Ok(QemuVm {
-            qemu,
-            backend,
-            vsock_socket,
-            vhost_socket,
-            console_log: spec.console_log(),
+            handle: QemuHandle {
+                qemu,
+                backend,
+                vsock_socket,
+                vhost_socket,
+                console_log: spec.console_log(),
+            },
             started_at,
         })
     }
@@ -202,21 +207,14 @@ fn validate(spec: &VmSpec) -> Result<(), QemuError> {
     Ok(())
 }
 
-fn open_log(path: &Path) -> Result<std::fs::File, QemuError> {
-    std::fs::File::create(path).map_err(|source| QemuError::Spawn {
-        what: "log file",
-        source,
-    })
-}
-
-async fn wait_for_socket(backend: &mut Child, socket: &Path) -> Result<(), QemuError> {
+async fn wait_for_socket(backend: &VmProcess, socket: &Path) -> Result<(), QemuError> {
     let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
     loop {
         if socket.exists() {
             return Ok(());
         }
-        if let Ok(Some(status)) = backend.try_wait() {
-            return Err(QemuError::BackendNotReady(format!("exited with {status}")));
+        if !backend.is_running() {
+            return Err(QemuError::BackendNotReady("it exited".into()));
         }
         if Instant::now() >= deadline {
             return Err(QemuError::BackendNotReady(format!(
@@ -228,26 +226,55 @@ async fn wait_for_socket(backend: &mut Child, socket: &Path) -> Result<(), QemuE
     }
 }
 
-/// A running QEMU VM. Dropping it kills the processes; [`QemuVm::stop`]
-/// stops them gracefully.
+/// What identifies a QEMU VM's processes and sockets; recorded with the pod
+/// so that a restarted daemon finds the VM again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuHandle {
+    pub qemu: VmProcess,
+    pub backend: VmProcess,
+    pub vsock_socket: PathBuf,
+    pub vhost_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl QemuHandle {
+    /// Whether the VM (QEMU and its vsock backend) still runs.
+    pub fn is_running(&self) -> bool {
+        self.qemu.is_running() && self.backend.is_running()
+    }
+
+    /// Stops the VM: SIGTERM to QEMU, SIGKILL after a grace period, then the
+    /// backend; removes the sockets. Stopping a stopped VM is a no-op.
+    pub async fn stop(&self) {
+        self.qemu.stop(STOP_GRACE).await;
+        self.backend.stop(STOP_GRACE).await;
+        for socket in [&self.vsock_socket, &self.vhost_socket] {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
+
+    /// Kills both processes at once (synchronous, for `Drop` paths).
+    pub fn kill_now(&self) {
+        self.qemu.kill_now();
+        self.backend.kill_now();
+    }
+}
+
+/// A QEMU VM just started by this daemon.
 #[derive(Debug)]
 pub struct QemuVm {
-    qemu: Child,
-    backend: Child,
-    vsock_socket: PathBuf,
-    vhost_socket: PathBuf,
-    console_log: PathBuf,
+    pub handle: QemuHandle,
     started_at: Instant,
 }
 
 impl QemuVm {
     /// The hybrid-vsock socket to reach the guest.
     pub fn vsock_socket(&self) -> &Path {
-        &self.vsock_socket
+        &self.handle.vsock_socket
     }
 
     pub fn console_log(&self) -> &Path {
-        &self.console_log
+        &self.handle.console_log
     }
 
     /// When QEMU was spawned.
@@ -255,38 +282,9 @@ impl QemuVm {
         self.started_at
     }
 
-    /// The QEMU process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.qemu.id()
-    }
-
-    /// Whether QEMU has exited (and with what), without waiting.
-    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
-        self.qemu.try_wait().ok().flatten()
-    }
-
-    /// Stops the VM: SIGTERM to QEMU, SIGKILL after a grace period, then the
-    /// backend; removes the sockets.
-    pub async fn stop(mut self) {
-        terminate(&mut self.qemu, STOP_GRACE).await;
-        terminate(&mut self.backend, STOP_GRACE).await;
-        for socket in [&self.vsock_socket, &self.vhost_socket] {
-            let _ = std::fs::remove_file(socket);
-        }
-    }
-}
-
-async fn terminate(child: &mut Child, grace: Duration) {
-    if let Some(pid) = child.id() {
-        if let Ok(pid) = i32::try_from(pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        let _ = child.kill().await;
+    /// Stops the VM (see [`QemuHandle::stop`]).
+    pub async fn stop(self) {
+        self.handle.stop().await;
     }
 }
 

@@ -1,0 +1,217 @@
+//! The daemon's configuration file (TOML). Every field has a default that
+//! works on a machine set up by `scripts/setup.sh`, so an empty file (or no
+//! file) is a valid configuration. Unknown fields are errors: a typo must
+//! not silently fall back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/carapace/config.toml";
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Which VM driver runs pod VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverChoice {
+    /// Builtin VMM where the host has hardware KVM, QEMU otherwise.
+    Auto,
+    /// Our own VMM, `carapace-vmm` (needs hardware KVM).
+    Builtin,
+    /// `qemu-system-x86_64 -M microvm` (KVM if available, else TCG).
+    Qemu,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The CRI socket kubelet connects to.
+    pub socket: PathBuf,
+    /// Persistent state: pod and container records.
+    pub state_dir: PathBuf,
+    /// Image content store and unpacked layers.
+    pub image_dir: PathBuf,
+    /// Per-VM runtime directories (sockets, console logs).
+    pub run_dir: PathBuf,
+    /// Log filter (`error`, `warn`, `info`, `debug`, or a tracing filter).
+    pub log_level: String,
+    pub vm: VmConfig,
+}
+
+/// How pod VMs are built.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    pub driver: DriverChoice,
+    /// Guest kernel (uncompressed vmlinux).
+    pub kernel: PathBuf,
+    /// Guest initramfs (the agent as /init).
+    pub initrd: PathBuf,
+    /// vCPUs of a pod that asks for no CPU limit.
+    pub default_vcpus: u8,
+    /// Guest RAM of a pod that asks for no memory limit, in MiB.
+    pub default_mem_mib: u32,
+    /// Guest RAM added to the pod's own limits for the guest kernel and
+    /// agent, in MiB.
+    pub overhead_mem_mib: u32,
+    /// Upper bound for any pod VM's vCPUs.
+    pub max_vcpus: u8,
+    /// How long a VM may take from start to its agent answering, in seconds.
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: "/run/carapace/carapace.sock".into(),
+            state_dir: "/var/lib/carapace/state".into(),
+            image_dir: "/var/lib/carapace/images".into(),
+            run_dir: "/run/carapace/vms".into(),
+            log_level: "info".into(),
+            vm: VmConfig::default(),
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            driver: DriverChoice::Auto,
+            kernel: "/usr/local/share/carapace/vmlinux".into(),
+            initrd: "/usr/local/share/carapace/initramfs.cpio".into(),
+            default_vcpus: 1,
+            default_mem_mib: 256,
+            overhead_mem_mib: 64,
+            max_vcpus: 8,
+            boot_timeout_secs: 60,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`; a missing file at the default path means defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && path == Path::new(DEFAULT_CONFIG_PATH) =>
+            {
+                String::new()
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        Self::parse(&text).map_err(|e| match e {
+            ParseOrInvalid::Parse(source) => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            ParseOrInvalid::Invalid(msg) => ConfigError::Invalid(msg),
+        })
+    }
+
+    fn parse(text: &str) -> Result<Self, ParseOrInvalid> {
+        let config: Config = toml::from_str(text).map_err(ParseOrInvalid::Parse)?;
+        config.validate().map_err(ParseOrInvalid::Invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let vm = &self.vm;
+        if vm.default_vcpus == 0 || vm.default_vcpus > vm.max_vcpus {
+            return Err(format!(
+                "vm.default_vcpus must be between 1 and vm.max_vcpus ({})",
+                vm.max_vcpus
+            ));
+        }
+        if vm.default_mem_mib < 64 {
+            return Err("vm.default_mem_mib must be at least 64".into());
+        }
+        if vm.boot_timeout_secs == 0 {
+            return Err("vm.boot_timeout_secs must be at least 1".into());
+        }
+        for (name, path) in [
+            ("socket", &self.socket),
+            ("state_dir", &self.state_dir),
+            ("image_dir", &self.image_dir),
+            ("run_dir", &self.run_dir),
+        ] {
+            if !path.is_absolute() {
+                return Err(format!("{name} must be an absolute path"));
+            }
+        }
+        Ok(())
+    }
+}
+
+enum ParseOrInvalid {
+    Parse(toml::de::Error),
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").ok().unwrap();
+        assert_eq!(c.socket, Path::new("/run/carapace/carapace.sock"));
+        assert_eq!(c.vm.driver, DriverChoice::Auto);
+    }
+
+    #[test]
+    fn fields_override_defaults() {
+        let c = Config::parse(
+            "state_dir = \"/srv/state\"\n[vm]\ndriver = \"qemu\"\ndefault_mem_mib = 512\n",
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(c.state_dir, Path::new("/srv/state"));
+        assert_eq!(c.vm.driver, DriverChoice::Qemu);
+        assert_eq!(c.vm.default_mem_mib, 512);
+        assert_eq!(c.vm.default_vcpus, 1);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_errors() {
+        let err = |text: &str| match Config::parse(text) {
+            Err(ParseOrInvalid::Parse(e)) => e.to_string(),
+            Err(ParseOrInvalid::Invalid(e)) => e,
+            Ok(_) => panic!("accepted {text:?}"),
+        };
+        assert!(err("sokcet = \"/x\"").contains("sokcet"));
+        assert!(err("[vm]\ndriver = \"xen\"").contains("xen"));
+        assert!(err("[vm]\ndefault_vcpus = 0").contains("default_vcpus"));
+        assert!(err("state_dir = \"relative\"").contains("state_dir"));
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Config::load(Path::new("/nonexistent/carapace.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+    }
+}

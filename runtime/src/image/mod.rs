@@ -1,0 +1,1 @@
+//! The image store: pulling, storing and unpacking OCI images.

@@ -1,0 +1,148 @@
+//! A VM's host processes (the monitor, its device backends), held by pid so
+//! that they outlive a restart of the daemon.
+//!
+//! Processes are spawned in their own process group (a signal to the
+//! daemon's terminal does not reach them) and, while the daemon that spawned
+//! them runs, reaped by a background task. After a restart the daemon finds
+//! them again from their recorded pid, and checks that the pid still belongs
+//! to the same process (its start time, from `/proc/<pid>/stat`) before it
+//! signals it: a recycled pid is never killed.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+/// A spawned process, identified by pid and start time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProcess {
+    pub name: String,
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`: clock ticks after boot.
+    pub start_ticks: u64,
+}
+
+impl VmProcess {
+    /// Spawns `command` detached from the daemon's process group, with
+    /// stdin closed and stderr to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: &Path) -> std::io::Result<Self> {
+        let log = std::fs::File::create(log)?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = command.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("spawned process has no pid"))?;
+        let start_ticks = start_ticks(pid).unwrap_or(0);
+        // Reap the child when it exits, so it never lingers as a zombie.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            pid,
+            start_ticks,
+        })
+    }
+
+    /// Whether this very process still runs (not a zombie, pid not reused).
+    pub fn is_running(&self) -> bool {
+        match proc_stat(self.pid) {
+            Some((state, ticks)) => ticks == self.start_ticks && state != 'Z' && state != 'X',
+            None => false,
+        }
+    }
+
+    /// Sends `signal` if the process still runs.
+    pub fn signal(&self, signal: Signal) {
+        if self.is_running() {
+            if let Ok(pid) = i32::try_from(self.pid) {
+                let _ = kill(Pid::from_raw(pid), signal);
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns once it is gone.
+    pub async fn stop(&self, grace: Duration) {
+        self.signal(Signal::SIGTERM);
+        if !self.wait_exit(grace).await {
+            self.signal(Signal::SIGKILL);
+            self.wait_exit(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Kills the process at once (synchronous: usable from `Drop`).
+    pub fn kill_now(&self) {
+        self.signal(Signal::SIGKILL);
+    }
+
+    /// Waits up to `timeout` for the process to end; true if it did.
+    pub async fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.is_running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
+fn start_ticks(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, ticks)| ticks)
+}
+
+/// State letter and start time of `pid`, from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+}
+
+fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    // The command name (field 2) may contain spaces and parentheses: the
+    // fields we want follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // `rest` starts at field 3 (state); start time is field 22.
+    let ticks = fields.nth(18)?.parse().ok()?;
+    Some((state, ticks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat() {
+        let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 987654 1000 10";
+        assert_eq!(parse_stat(stat), Some(('S', 987654)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn spawn_observe_and_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let p = VmProcess::spawn("sleep", cmd, &dir.path().join("log")).unwrap();
+        assert!(p.is_running());
+        // A record with another start time is not this process.
+        let impostor = VmProcess {
+            start_ticks: p.start_ticks + 1,
+            ..p.clone()
+        };
+        assert!(!impostor.is_running());
+        p.stop(Duration::from_secs(2)).await;
+        assert!(!p.is_running());
+    }
+}
