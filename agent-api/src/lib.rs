@@ -16,3 +16,9 @@ pub const MIN_API_VERSION: u32 = 1;
 
 /// The vsock port the agent listens on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The host vsock port the agent connects to once it serves its API, to
+/// announce that it is ready (it writes `READY <agent version>\n`). The host
+/// waits for this instead of polling the guest: connecting to a guest whose
+/// vsock driver is still initialising is unreliable with some backends.
+pub const READY_VSOCK_PORT: u32 = 1025;

@@ -7,6 +7,7 @@
 //! PID 1 must never exit while the VM is meant to run (the kernel panics when
 //! init exits), so every failure past argument parsing is logged and retried.
 
+mod announce;
 mod init;
 mod listen;
 mod service;

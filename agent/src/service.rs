@@ -71,6 +71,7 @@ pub async fn serve(addr: &ListenAddr, started: Instant) -> Result<(), ServeError
                 "carapace-agent {} listening on {addr}",
                 env!("CARGO_PKG_VERSION")
             );
+            tokio::spawn(crate::announce::ready());
             serve_incoming(accept_loop(listener, |l| Box::pin(l.accept())), started).await
         }
         ListenAddr::Unix(path) => {

@@ -19,6 +19,8 @@ use carapace::vm::qemu::{QemuDriver, QemuHandle, QemuVm};
 use carapace::vm::VmSpec;
 use carapace_agent_api::v1::HealthResponse;
 
+pub mod daemon;
+
 /// How long a boot may take before the test fails. TCG on a loaded 2-core
 /// machine is slow; a healthy boot takes about a second.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -109,7 +111,7 @@ impl TestVm {
         };
         let vm = driver.start(&spec).await.expect("starting the VM");
         let started = vm.started_at();
-        match AgentClient::wait_ready(vm.vsock_socket(), BOOT_TIMEOUT).await {
+        match vm.wait_agent(BOOT_TIMEOUT).await {
             Ok((agent, first_health)) => TestVm {
                 boot_time: started.elapsed(),
                 vm: Some(vm),

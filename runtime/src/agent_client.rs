@@ -33,12 +33,27 @@ pub enum AgentError {
     },
     #[error("vsock handshake for port {port} failed: {reason}")]
     Handshake { port: u32, reason: String },
-    #[error("agent transport: {0}")]
+    #[error("agent transport: {}", error_chain(.0))]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Ready(#[from] crate::agent_ready::ReadyError),
     #[error("agent call failed: {0}")]
     Call(#[from] tonic::Status),
     #[error("agent not ready after {waited:?}; last error: {last}")]
     NotReady { waited: Duration, last: String },
+}
+
+/// An error and its sources, joined: tonic's transport errors say little
+/// on their own ("transport error"); the cause is in the source chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Opens a byte stream to `port` in the guest through the VM's hybrid-vsock

@@ -2,8 +2,11 @@
 //! own KVM microVM.
 
 pub mod agent_client;
+pub mod agent_ready;
 pub mod config;
+pub mod cri;
 pub mod host;
 pub mod image;
+pub mod sandbox;
 pub mod state;
 pub mod vm;

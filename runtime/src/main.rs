@@ -4,8 +4,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use carapace::agent_client::AgentClient;
+use std::sync::Arc;
+
+use carapace::config::{Config, DriverChoice};
+use carapace::cri::{self, CriService};
 use carapace::host::KvmKind;
+use carapace::sandbox::Sandboxes;
 use carapace::vm::qemu::QemuDriver;
 use carapace::vm::VmSpec;
 use clap::{Parser, Subcommand};
@@ -23,9 +27,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the CRI daemon (kubelet's --container-runtime-endpoint).
+    Serve(ServeArgs),
     /// Report whether this host can run pod VMs; with --boot, boot a
     /// throwaway VM and ask its agent for its version.
     Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); a missing default file means defaults.
+    #[arg(long, default_value = carapace::config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Override the config file's CRI socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -45,18 +61,66 @@ struct CheckArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // CARAPACE_LOG wins; else the config file's log_level (serve); else info.
+    let default_level = match &cli.command {
+        Command::Serve(args) => Config::load(&args.config)
+            .map(|c| c.log_level)
+            .unwrap_or_else(|_| "info".into()),
+        Command::Check(_) => "info".into(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CARAPACE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Check(args) => runtime.block_on(check(args)),
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(socket) = args.socket {
+        config.socket = socket;
+    }
+    let driver = QemuDriver::from_host()?;
+    let kvm = KvmKind::detect();
+    match config.vm.driver {
+        DriverChoice::Builtin => bail!(
+            "vm.driver = \"builtin\" is not available yet: carapace-vmm cannot run pods so far; use \"qemu\" or \"auto\""
+        ),
+        DriverChoice::Auto => tracing::info!(
+            "VM driver: qemu with {:?} (auto: host has {}; the builtin VMM does not run pods yet)",
+            driver.accel(),
+            kvm.describe()
+        ),
+        DriverChoice::Qemu => tracing::info!(
+            "VM driver: qemu with {:?} (configured; host has {})",
+            driver.accel(),
+            kvm.describe()
+        ),
+    }
+    let sandboxes = Sandboxes::load(config.clone(), driver)?;
+    let service = CriService {
+        sandboxes: Arc::new(sandboxes),
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        // Pod VMs keep running: a restarted daemon finds them again.
+        tracing::info!("shutting down; pod VMs keep running");
+    };
+    cri::serve(&config.socket, service, shutdown).await
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<()> {
@@ -90,7 +154,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     };
     let vm = driver.start(&spec).await?;
     let started = vm.started_at();
-    let ready = AgentClient::wait_ready(vm.vsock_socket(), Duration::from_secs(args.timeout)).await;
+    let ready = vm.wait_agent(Duration::from_secs(args.timeout)).await;
     let elapsed = started.elapsed();
     let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
     vm.stop().await;
@@ -106,8 +170,12 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
+            let kept = run_dir.keep();
             eprintln!("guest console:\n{console}");
-            bail!("the guest agent did not answer: {e}")
+            bail!(
+                "the guest agent did not answer: {e} (VM logs kept in {})",
+                kept.display()
+            )
         }
     }
 }

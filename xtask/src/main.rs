@@ -98,7 +98,13 @@ fn guest_image(root: &Path, out: &Path) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(root)
-        .args(["build", "--package", "carapace-agent", "--profile", "guest-release"])
+        .args([
+            "build",
+            "--package",
+            "carapace-agent",
+            "--profile",
+            "guest-release",
+        ])
         .args(["--target", GUEST_TARGET])
         // Only the agent (the target) is linked static; build scripts and
         // proc macros, built for the host, are not affected.

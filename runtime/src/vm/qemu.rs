@@ -8,8 +8,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
+use carapace_agent_api::v1::HealthResponse;
+
 use super::process::VmProcess;
 use super::{find_in_path, VmSpec};
+use crate::agent_client::{AgentClient, AgentError};
+use crate::agent_ready::ReadyListener;
 use crate::host::KvmKind;
 
 /// How long the vsock backend may take to create its vhost-user socket.
@@ -31,6 +35,8 @@ pub enum QemuError {
     },
     #[error("vsock backend did not come up: {0}")]
     BackendNotReady(String),
+    #[error(transparent)]
+    Ready(crate::agent_ready::ReadyError),
 }
 
 /// Which accelerator QEMU runs the guest with.
@@ -154,8 +160,22 @@ impl QemuDriver {
         })?;
         if let Err(e) = wait_for_socket(&backend, &vhost_socket).await {
             backend.kill_now();
-            return Err(e);
+            let log =
+                std::fs::read_to_string(spec.run_dir.join("vsock-backend.log")).unwrap_or_default();
+            return Err(QemuError::BackendNotReady(format!(
+                "{e}; its log: {}",
+                log.trim()
+            )));
         }
+
+        // Bound before the guest runs, so its announcement cannot be missed.
+        let ready = match ReadyListener::bind(&vsock_socket) {
+            Ok(ready) => ready,
+            Err(e) => {
+                backend.kill_now();
+                return Err(QemuError::Ready(e));
+            }
+        };
 
         let started_at = Instant::now();
         let mut qemu_cmd = Command::new(&self.qemu);
@@ -178,12 +198,24 @@ impl QemuDriver {
                 vhost_socket,
                 console_log: spec.console_log(),
             },
+            ready,
             started_at,
         })
     }
 }
 
+/// The longest path a unix socket can be bound to (`sun_path` minus NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 fn validate(spec: &VmSpec) -> Result<(), QemuError> {
+    let longest = spec.run_dir.join("vhost-vsock.sock");
+    if longest.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(QemuError::InvalidSpec(format!(
+            "run_dir {} is too long for unix socket paths (at most {} bytes with the socket name)",
+            spec.run_dir.display(),
+            MAX_SOCKET_PATH
+        )));
+    }
     for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
         if !path.is_file() {
             return Err(QemuError::InvalidSpec(format!(
@@ -264,6 +296,7 @@ impl QemuHandle {
 #[derive(Debug)]
 pub struct QemuVm {
     pub handle: QemuHandle,
+    ready: ReadyListener,
     started_at: Instant,
 }
 
@@ -280,6 +313,23 @@ impl QemuVm {
     /// When QEMU was spawned.
     pub fn started_at(&self) -> Instant {
         self.started_at
+    }
+
+    /// Waits until the agent announces itself, then connects to it and
+    /// returns the client and its first Health answer. Fails early if the
+    /// VM exits.
+    pub async fn wait_agent(
+        &self,
+        timeout: Duration,
+    ) -> Result<(AgentClient, HealthResponse), AgentError> {
+        let start = Instant::now();
+        self.ready
+            .wait(timeout, || self.handle.is_running())
+            .await?;
+        let left = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1));
+        AgentClient::wait_ready(&self.handle.vsock_socket, left).await
     }
 
     /// Stops the VM (see [`QemuHandle::stop`]).
@@ -334,6 +384,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(dir.path());
         assert!(matches!(validate(&s), Err(QemuError::InvalidSpec(m)) if m.contains("kernel")));
+        let long = VmSpec {
+            run_dir: dir.path().join("x".repeat(100)),
+            ..s.clone()
+        };
+        assert!(
+            matches!(validate(&long), Err(QemuError::InvalidSpec(m)) if m.contains("too long"))
+        );
         std::fs::write(&s.kernel, b"k").unwrap();
         std::fs::write(&s.initrd, b"i").unwrap();
         assert!(validate(&s).is_ok());

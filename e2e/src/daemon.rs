@@ -1,0 +1,214 @@
+//! The `carapace` daemon as kubelet sees it: a process serving CRI on a unix
+//! socket, with its own state and run directories, driven by a CRI client.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::GuestArtifacts;
+
+/// A running daemon with private directories (removed on drop, after its
+/// pod VMs are killed).
+pub struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    config: PathBuf,
+}
+
+impl Daemon {
+    /// Writes a config for private directories and starts the daemon.
+    pub async fn start() -> Daemon {
+        let artifacts = GuestArtifacts::locate();
+        let dir = tempfile::Builder::new()
+            .prefix("carapace-daemon-")
+            .tempdir()
+            .expect("daemon directory");
+        let socket = dir.path().join("carapace.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\nrun_dir = {:?}\nlog_level = \"info,carapace=debug\"\n\
+                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n",
+                socket,
+                dir.path().join("state"),
+                dir.path().join("images"),
+                dir.path().join("run"),
+                artifacts.kernel,
+                artifacts.initrd,
+            ),
+        )
+        .expect("writing the daemon config");
+        let mut daemon = Daemon {
+            child: None,
+            dir,
+            socket,
+            config,
+        };
+        daemon.spawn().await;
+        daemon
+    }
+
+    async fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("daemon log");
+        let child = Command::new(daemon_binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting carapace serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.socket).await.is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("carapace serve exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon socket never appeared:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Where the daemon keeps per-VM run directories.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Where the daemon keeps its records.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A CRI RuntimeService client on the daemon's socket.
+    pub async fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(connect(&self.socket).await)
+    }
+
+    /// Stops the daemon with SIGTERM (pod VMs keep running) and starts it
+    /// again on the same state.
+    pub async fn restart(&mut self) {
+        self.terminate();
+        self.spawn().await;
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- carapace daemon log ---\n{}", self.log());
+        }
+        self.terminate();
+        // Kill whatever VM a failed test left behind: every VM process of
+        // this daemon has its run directory on its command line.
+        kill_processes_mentioning(&self.run_dir());
+    }
+}
+
+/// The `carapace` binary of the same build as this test: test binaries live
+/// in `<target>/<profile>/deps/`, binaries in `<target>/<profile>/`.
+fn daemon_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in <target>/<profile>/deps");
+    let binary = profile_dir.join("carapace");
+    assert!(
+        binary.is_file(),
+        "{} is missing: build it with `cargo build -p carapace` (nextest --workspace does)",
+        binary.display()
+    );
+    binary
+}
+
+/// SIGKILLs every process whose command line mentions `path`.
+pub fn kill_processes_mentioning(path: &Path) {
+    for pid in processes_mentioning(path) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Pids of live processes whose command line mentions `path`.
+pub fn processes_mentioning(path: &Path) -> Vec<i32> {
+    let needle = path.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'));
+            !zombie && String::from_utf8_lossy(&cmdline).contains(&needle)
+        })
+        .collect()
+}
+
+/// A gRPC channel over a unix socket.
+pub async fn connect(socket: &Path) -> Channel {
+    let socket = socket.to_owned();
+    Endpoint::from_static("http://carapace.sock")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
+        }))
+        .await
+        .expect("connecting to the CRI socket")
+}

@@ -1,0 +1,264 @@
+//! Pod sandboxes over CRI, as kubelet drives them: the daemon boots one VM
+//! per pod with the qemu driver; pods survive a daemon restart; a VM killed
+//! from outside is reported and cleanable; malformed requests get the right
+//! codes; nothing is left after removal.
+
+use std::collections::HashMap;
+
+use carapace_e2e::daemon::{processes_mentioning, Daemon};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ListPodSandboxRequest, PodSandboxConfig, PodSandboxFilter, PodSandboxMetadata, PodSandboxState,
+    PodSandboxStateValue, PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StatusRequest, StopPodSandboxRequest, VersionRequest,
+};
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn pod(name: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        ..Default::default()
+    }
+}
+
+async fn run(cri: &mut RuntimeServiceClient<Channel>, name: &str) -> String {
+    cri.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(pod(name)),
+        runtime_handler: String::new(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}"))
+    .into_inner()
+    .pod_sandbox_id
+}
+
+async fn state(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> PodSandboxState {
+    let status = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: true,
+        })
+        .await
+        .expect("PodSandboxStatus")
+        .into_inner();
+    PodSandboxState::try_from(status.status.unwrap().state).unwrap()
+}
+
+async fn list_ids(
+    cri: &mut RuntimeServiceClient<Channel>,
+    filter: Option<PodSandboxFilter>,
+) -> Vec<String> {
+    cri.list_pod_sandbox(ListPodSandboxRequest { filter })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items
+        .into_iter()
+        .map(|p| p.id)
+        .collect()
+}
+
+async fn remove(cri: &mut RuntimeServiceClient<Channel>, id: &str) {
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_lifecycle_restart_and_cleanup() {
+    let mut daemon = Daemon::start().await;
+    let mut cri = daemon.runtime().await;
+
+    let version = cri
+        .version(VersionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(version.runtime_name, "carapace");
+    assert_eq!(version.runtime_api_version, "v1");
+    let status = cri
+        .status(StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let conditions: HashMap<String, bool> = status
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .map(|c| (c.r#type, c.status))
+        .collect();
+    assert_eq!(conditions.get("RuntimeReady"), Some(&true));
+    assert_eq!(conditions.get("NetworkReady"), Some(&false));
+
+    let a = run(&mut cri, "alpha").await;
+    let b = run(&mut cri, "beta").await;
+    assert_ne!(a, b);
+    assert_eq!(state(&mut cri, &a).await, PodSandboxState::SandboxReady);
+
+    // The same pod (name, namespace, uid, attempt) cannot be created twice.
+    let dup = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod("alpha")),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists, "{dup}");
+
+    // Filters: by label, by id prefix, by state.
+    let by_label = PodSandboxFilter {
+        label_selector: HashMap::from([("app".to_string(), "beta".to_string())]),
+        ..Default::default()
+    };
+    assert_eq!(list_ids(&mut cri, Some(by_label)).await, vec![b.clone()]);
+    let by_prefix = PodSandboxFilter {
+        id: a[..12].to_string(),
+        ..Default::default()
+    };
+    assert_eq!(list_ids(&mut cri, Some(by_prefix)).await, vec![a.clone()]);
+
+    // A daemon restart: both pods are still there and ready, their VMs ran on.
+    daemon.restart().await;
+    let mut cri = daemon.runtime().await;
+    let mut ids = list_ids(&mut cri, None).await;
+    ids.sort();
+    let mut expected = vec![a.clone(), b.clone()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    assert_eq!(state(&mut cri, &a).await, PodSandboxState::SandboxReady);
+
+    // A VM killed from outside: reported as not ready, and cleanable.
+    // A VM's run directory is named by the first 16 hex digits of its id.
+    let b_run_dir = daemon.run_dir().join(&b[..16]);
+    let pids = processes_mentioning(&b_run_dir);
+    assert!(!pids.is_empty(), "no VM processes found for pod {b}");
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while state(&mut cri, &b).await != PodSandboxState::SandboxNotready {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "killed VM still reported ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let not_ready = PodSandboxFilter {
+        state: Some(PodSandboxStateValue {
+            state: PodSandboxState::SandboxNotready as i32,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(list_ids(&mut cri, Some(not_ready)).await, vec![b.clone()]);
+
+    remove(&mut cri, &a).await;
+    remove(&mut cri, &b).await;
+    // Idempotent: stopping and removing again is fine.
+    remove(&mut cri, &a).await;
+    assert!(list_ids(&mut cri, None).await.is_empty());
+
+    // Nothing left: no VM process, no run directory, no state record.
+    assert!(processes_mentioning(&daemon.run_dir()).is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(daemon.run_dir())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "left in run dir: {leftovers:?}");
+    let records: Vec<_> = std::fs::read_dir(daemon.state_dir().join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(records.is_empty(), "left in state dir: {records:?}");
+}
+
+fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_unknown_requests_get_the_right_codes() {
+    let daemon = Daemon::start().await;
+    let mut cri = daemon.runtime().await;
+
+    // Missing config, missing metadata, empty name.
+    assert_eq!(
+        code(cri.run_pod_sandbox(RunPodSandboxRequest::default()).await),
+        Code::InvalidArgument
+    );
+    let mut no_meta = pod("x");
+    no_meta.metadata = None;
+    assert_eq!(
+        code(
+            cri.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(no_meta),
+                runtime_handler: String::new(),
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    // Unknown and empty ids.
+    assert_eq!(
+        code(
+            cri.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: "0123456789abcdef".into(),
+                verbose: false,
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            cri.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: String::new(),
+                verbose: false,
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    // Stopping or removing an absent pod is not an error.
+    assert_eq!(
+        code(
+            cri.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: "0123456789abcdef".into(),
+            })
+            .await
+        ),
+        Code::Ok
+    );
+    assert_eq!(
+        code(
+            cri.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: "0123456789abcdef".into(),
+            })
+            .await
+        ),
+        Code::Ok
+    );
+    // Nothing was created by any of it.
+    assert!(list_ids(&mut cri, None).await.is_empty());
+}

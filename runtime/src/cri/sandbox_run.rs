@@ -1,0 +1,201 @@
+//! RunPodSandbox, StopPodSandbox, RemovePodSandbox.
+
+use k8s_cri::v1::{
+    LinuxContainerResources, NamespaceMode, PodSandboxConfig, RunPodSandboxRequest,
+    RunPodSandboxResponse,
+};
+
+use super::{CriError, CriService};
+use crate::config::VmConfig;
+use crate::sandbox::{NewSandbox, PodMeta, VmSize};
+
+const MIB: i64 = 1024 * 1024;
+
+impl CriService {
+    pub(super) async fn run_pod_sandbox(
+        &self,
+        request: RunPodSandboxRequest,
+    ) -> Result<RunPodSandboxResponse, CriError> {
+        let config = request
+            .config
+            .ok_or_else(|| CriError::InvalidArgument("RunPodSandbox: config is required".into()))?;
+        let new = new_sandbox(config, request.runtime_handler, &self.sandboxes.config().vm)?;
+        let id = self.sandboxes.run(new).await?;
+        Ok(RunPodSandboxResponse { pod_sandbox_id: id })
+    }
+
+    pub(super) async fn stop_pod_sandbox(&self, id: &str) -> Result<(), CriError> {
+        require_id(id)?;
+        Ok(self.sandboxes.stop(id).await?)
+    }
+
+    pub(super) async fn remove_pod_sandbox(&self, id: &str) -> Result<(), CriError> {
+        require_id(id)?;
+        Ok(self.sandboxes.remove(id).await?)
+    }
+}
+
+/// An empty id is a malformed request, not an unknown sandbox.
+pub(super) fn require_id(id: &str) -> Result<(), CriError> {
+    if id.is_empty() {
+        return Err(CriError::InvalidArgument("pod sandbox id is empty".into()));
+    }
+    Ok(())
+}
+
+fn new_sandbox(
+    config: PodSandboxConfig,
+    runtime_handler: String,
+    vm: &VmConfig,
+) -> Result<NewSandbox, CriError> {
+    let meta = config
+        .metadata
+        .ok_or_else(|| CriError::InvalidArgument("pod sandbox metadata is required".into()))?;
+    for (field, value) in [
+        ("name", &meta.name),
+        ("uid", &meta.uid),
+        ("namespace", &meta.namespace),
+    ] {
+        if value.is_empty() {
+            return Err(CriError::InvalidArgument(format!(
+                "pod sandbox metadata.{field} is empty"
+            )));
+        }
+    }
+    let linux = config.linux.unwrap_or_default();
+    let namespaces = linux
+        .security_context
+        .as_ref()
+        .and_then(|sc| sc.namespace_options.clone())
+        .unwrap_or_default();
+    if namespaces.network == NamespaceMode::Node as i32 {
+        return Err(CriError::InvalidArgument(
+            "host network pods cannot run in a VM: use a runc RuntimeClass for hostNetwork pods"
+                .into(),
+        ));
+    }
+    if namespaces.pid == NamespaceMode::Node as i32 || namespaces.ipc == NamespaceMode::Node as i32
+    {
+        return Err(CriError::InvalidArgument(
+            "host PID or IPC namespaces cannot be shared with a VM-isolated pod".into(),
+        ));
+    }
+    Ok(NewSandbox {
+        meta: PodMeta {
+            name: meta.name,
+            uid: meta.uid,
+            namespace: meta.namespace,
+            attempt: meta.attempt,
+        },
+        labels: config.labels.into_iter().collect(),
+        annotations: config.annotations.into_iter().collect(),
+        runtime_handler,
+        log_directory: config.log_directory,
+        hostname: config.hostname,
+        size: vm_size(linux.resources.as_ref(), vm),
+    })
+}
+
+/// The VM's size: the pod's limits (CRI `linux.resources`, the sum of its
+/// containers' limits) when given, else the configured defaults; plus the
+/// configured memory overhead for the guest kernel and agent.
+fn vm_size(resources: Option<&LinuxContainerResources>, vm: &VmConfig) -> VmSize {
+    let (mut vcpus, mut mem_mib) = (vm.default_vcpus, vm.default_mem_mib);
+    if let Some(r) = resources {
+        if r.cpu_quota > 0 && r.cpu_period > 0 {
+            let cpus = (r.cpu_quota + r.cpu_period - 1) / r.cpu_period;
+            vcpus = u8::try_from(cpus.clamp(1, i64::from(vm.max_vcpus))).unwrap_or(vm.max_vcpus);
+        }
+        if r.memory_limit_in_bytes > 0 {
+            let mib = (r.memory_limit_in_bytes + MIB - 1) / MIB;
+            mem_mib = u32::try_from(mib).unwrap_or(u32::MAX);
+        }
+    }
+    VmSize {
+        vcpus,
+        mem_mib: mem_mib.saturating_add(vm.overhead_mem_mib),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_cri::v1::PodSandboxMetadata;
+    use k8s_cri::v1::{LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption};
+
+    fn config() -> PodSandboxConfig {
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "web".into(),
+                uid: "u1".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn metadata_is_required_and_complete() {
+        let vm = VmConfig::default();
+        let mut c = config();
+        c.metadata = None;
+        assert!(matches!(
+            new_sandbox(c, String::new(), &vm),
+            Err(CriError::InvalidArgument(_))
+        ));
+        let mut c = config();
+        c.metadata.as_mut().unwrap().uid.clear();
+        let err = new_sandbox(c, String::new(), &vm).unwrap_err();
+        assert!(err.to_string().contains("uid"), "{err}");
+        assert!(new_sandbox(config(), String::new(), &vm).is_ok());
+    }
+
+    #[test]
+    fn host_network_is_refused() {
+        let mut c = config();
+        c.linux = Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let err = new_sandbox(c, String::new(), &VmConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("host network"), "{err}");
+    }
+
+    #[test]
+    fn vm_size_follows_pod_limits_plus_overhead() {
+        let vm = VmConfig::default();
+        assert_eq!(
+            vm_size(None, &vm),
+            VmSize {
+                vcpus: vm.default_vcpus,
+                mem_mib: vm.default_mem_mib + vm.overhead_mem_mib
+            }
+        );
+        let r = LinuxContainerResources {
+            cpu_quota: 150_000,
+            cpu_period: 100_000,
+            memory_limit_in_bytes: 300 * MIB + 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            vm_size(Some(&r), &vm),
+            VmSize {
+                vcpus: 2,
+                mem_mib: 301 + vm.overhead_mem_mib
+            }
+        );
+        let huge = LinuxContainerResources {
+            cpu_quota: 1_000_000_000,
+            cpu_period: 1,
+            ..Default::default()
+        };
+        assert_eq!(vm_size(Some(&huge), &vm).vcpus, vm.max_vcpus);
+    }
+}

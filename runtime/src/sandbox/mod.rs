@@ -1,0 +1,401 @@
+//! Pod sandboxes: one VM per pod, its lifecycle, and its on-disk record.
+//!
+//! Operations on one sandbox are serialised by its own lock; operations on
+//! different sandboxes run concurrently. Every state change is written to
+//! disk before it is reported, so a restarted daemon sees what kubelet saw.
+
+mod record;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use record::{PodMeta, SandboxRecord, SandboxState, VmSize};
+use tokio::sync::Mutex;
+
+use crate::agent_client::AgentClient;
+use crate::config::Config;
+use crate::state::{RecordDir, StateError};
+use crate::vm::qemu::{QemuDriver, QemuError};
+use crate::vm::VmSpec;
+
+/// Errors of sandbox operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("pod sandbox {0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("pod sandbox name {name} is already reserved by sandbox {id}")]
+    NameReserved { name: String, id: String },
+    #[error("starting the pod VM: {0}")]
+    Vm(#[from] QemuError),
+    #[error("the pod VM's agent did not answer: {reason}; guest console tail:\n{console}")]
+    AgentNotReady { reason: String, console: String },
+    #[error("pod sandbox {id} is not ready: {reason}")]
+    NotReady { id: String, reason: String },
+    #[error("saving pod state: {0}")]
+    State(#[from] StateError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// A sandbox in memory: its record and its agent connection.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub record: SandboxRecord,
+    agent: Option<AgentClient>,
+}
+
+/// Requested properties of a new sandbox.
+#[derive(Debug, Clone)]
+pub struct NewSandbox {
+    pub meta: PodMeta,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub annotations: std::collections::BTreeMap<String, String>,
+    pub runtime_handler: String,
+    pub log_directory: String,
+    pub hostname: String,
+    pub size: VmSize,
+}
+
+/// All sandboxes of this daemon.
+pub struct Sandboxes {
+    config: Config,
+    driver: QemuDriver,
+    records: RecordDir,
+    all: std::sync::Mutex<HashMap<String, Arc<Mutex<Sandbox>>>>,
+    /// Reserved names → sandbox id (includes sandboxes being created).
+    names: std::sync::Mutex<HashMap<String, String>>,
+}
+
+impl Sandboxes {
+    /// Opens the store and reloads the recorded sandboxes. A sandbox whose
+    /// VM is gone is marked not ready with the reason; unreadable records
+    /// are logged and skipped.
+    pub fn load(config: Config, driver: QemuDriver) -> Result<Self, SandboxError> {
+        let records = RecordDir::open(&config.state_dir, "sandboxes")?;
+        let (loaded, skipped) = records.load_all::<SandboxRecord>();
+        for s in skipped {
+            tracing::error!(
+                "skipping unreadable sandbox record {}: {}",
+                s.path.display(),
+                s.reason
+            );
+        }
+        let mut all = HashMap::new();
+        let mut names = HashMap::new();
+        for mut record in loaded {
+            if record.state == SandboxState::Ready
+                && !record.vm.as_ref().is_some_and(|vm| vm.is_running())
+            {
+                tracing::warn!(id = %record.id, "pod VM exited while the daemon was down");
+                record.state = SandboxState::NotReady;
+                record.reason = Some("the pod VM exited while the daemon was down".into());
+                records.save(&record.id, &record)?;
+            }
+            names.insert(record.meta.reserved_name(), record.id.clone());
+            let id = record.id.clone();
+            all.insert(
+                id,
+                Arc::new(Mutex::new(Sandbox {
+                    record,
+                    agent: None,
+                })),
+            );
+        }
+        tracing::info!("loaded {} pod sandboxes", all.len());
+        Ok(Self {
+            config,
+            driver,
+            records,
+            all: std::sync::Mutex::new(all),
+            names: std::sync::Mutex::new(names),
+        })
+    }
+
+    /// What keeps this host from running pod VMs (empty when nothing).
+    pub fn runtime_problems(&self) -> Vec<String> {
+        let vm = &self.config.vm;
+        [("guest kernel", &vm.kernel), ("guest initrd", &vm.initrd)]
+            .into_iter()
+            .filter(|(_, path)| !path.is_file())
+            .map(|(what, path)| format!("{what} {} is missing", path.display()))
+            .collect()
+    }
+
+    /// The daemon's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The VM driver in use.
+    pub fn driver(&self) -> &QemuDriver {
+        &self.driver
+    }
+
+    /// The sandbox `id`, if known.
+    pub fn get(&self, id: &str) -> Option<Arc<Mutex<Sandbox>>> {
+        self.all
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// All sandboxes.
+    pub fn list(&self) -> Vec<Arc<Mutex<Sandbox>>> {
+        self.all
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Creates a sandbox: reserves its name, boots its VM, waits for the
+    /// agent, records it. On failure nothing is left behind.
+    pub async fn run(&self, new: NewSandbox) -> Result<String, SandboxError> {
+        let id = new_id()?;
+        let name = new.meta.reserved_name();
+        {
+            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(existing) = names.get(&name) {
+                return Err(SandboxError::NameReserved {
+                    name,
+                    id: existing.clone(),
+                });
+            }
+            names.insert(name.clone(), id.clone());
+        }
+        let result = self.boot(&id, new).await;
+        match result {
+            Ok(sandbox) => {
+                self.all
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), Arc::new(Mutex::new(sandbox)));
+                Ok(id)
+            }
+            Err(e) => {
+                self.names
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&name);
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(&self, id: &str, new: NewSandbox) -> Result<Sandbox, SandboxError> {
+        // Unix socket paths are limited to 108 bytes, so the VM's directory
+        // is named by a prefix of the id (ids are random: it is unique).
+        let run_dir = self.config.run_dir.join(&id[..RUN_DIR_NAME_LEN]);
+        std::fs::create_dir_all(&run_dir).map_err(|source| SandboxError::Io {
+            what: format!("creating {}", run_dir.display()),
+            source,
+        })?;
+        let spec = VmSpec {
+            kernel: self.config.vm.kernel.clone(),
+            initrd: self.config.vm.initrd.clone(),
+            vcpus: new.size.vcpus,
+            mem_mib: new.size.mem_mib,
+            extra_cmdline: String::new(),
+            run_dir: run_dir.clone(),
+        };
+        let cleanup = |run_dir: &Path| {
+            let _ = std::fs::remove_dir_all(run_dir);
+        };
+        let vm = match self.driver.start(&spec).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                cleanup(&run_dir);
+                return Err(e.into());
+            }
+        };
+        let timeout = Duration::from_secs(self.config.vm.boot_timeout_secs);
+        let agent = match vm.wait_agent(timeout).await {
+            Ok((agent, health)) => {
+                tracing::info!(
+                    id,
+                    agent = %health.agent_version,
+                    boot_ms = vm.started_at().elapsed().as_millis() as u64,
+                    "pod VM ready"
+                );
+                agent
+            }
+            Err(e) => {
+                let console = console_tail(vm.console_log(), 20);
+                vm.stop().await;
+                cleanup(&run_dir);
+                return Err(SandboxError::AgentNotReady {
+                    reason: e.to_string(),
+                    console,
+                });
+            }
+        };
+        let record = SandboxRecord {
+            id: id.to_owned(),
+            meta: new.meta,
+            labels: new.labels,
+            annotations: new.annotations,
+            runtime_handler: new.runtime_handler,
+            log_directory: new.log_directory,
+            hostname: new.hostname,
+            created_at_ns: now_ns(),
+            state: SandboxState::Ready,
+            reason: None,
+            size: new.size,
+            run_dir: run_dir.clone(),
+            vm: Some(vm.handle.clone()),
+        };
+        if let Err(e) = self.records.save(id, &record) {
+            vm.stop().await;
+            cleanup(&run_dir);
+            return Err(e.into());
+        }
+        Ok(Sandbox {
+            record,
+            agent: Some(agent),
+        })
+    }
+
+    /// Stops the sandbox's VM; stopping an unknown or stopped sandbox is
+    /// not an error.
+    pub async fn stop(&self, id: &str) -> Result<(), SandboxError> {
+        let Some(sandbox) = self.get(id) else {
+            return Ok(());
+        };
+        let mut sandbox = sandbox.lock().await;
+        if let Some(vm) = sandbox.record.vm.take() {
+            vm.stop().await;
+        }
+        sandbox.agent = None;
+        if sandbox.record.state == SandboxState::Ready {
+            sandbox.record.state = SandboxState::NotReady;
+            sandbox.record.reason = Some("stopped".into());
+        }
+        self.records.save(id, &sandbox.record)?;
+        Ok(())
+    }
+
+    /// Removes the sandbox (stopping it first); removing an unknown
+    /// sandbox is not an error.
+    pub async fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        let Some(sandbox) = self.get(id) else {
+            return Ok(());
+        };
+        self.stop(id).await?;
+        let sandbox = sandbox.lock().await;
+        if let Err(e) = std::fs::remove_dir_all(&sandbox.record.run_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(SandboxError::Io {
+                    what: format!("removing {}", sandbox.record.run_dir.display()),
+                    source: e,
+                });
+            }
+        }
+        self.records.remove(id)?;
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&sandbox.record.meta.reserved_name());
+        self.all
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    /// Re-checks a ready sandbox's VM: if it died, the sandbox becomes not
+    /// ready with the reason, and the change is recorded.
+    pub fn refresh(&self, sandbox: &mut Sandbox) {
+        if sandbox.record.state != SandboxState::Ready {
+            return;
+        }
+        let alive = sandbox.record.vm.as_ref().is_some_and(|vm| vm.is_running());
+        if !alive {
+            tracing::warn!(id = %sandbox.record.id, "pod VM exited unexpectedly");
+            if let Some(vm) = sandbox.record.vm.take() {
+                vm.kill_now();
+            }
+            sandbox.agent = None;
+            sandbox.record.state = SandboxState::NotReady;
+            sandbox.record.reason = Some("the pod VM exited unexpectedly".into());
+            if let Err(e) = self.records.save(&sandbox.record.id, &sandbox.record) {
+                tracing::error!("recording the exit of pod VM {}: {e}", sandbox.record.id);
+            }
+        }
+    }
+
+    /// The agent client of a ready sandbox, connecting lazily (e.g. after a
+    /// daemon restart).
+    pub async fn agent(&self, sandbox: &mut Sandbox) -> Result<AgentClient, SandboxError> {
+        self.refresh(sandbox);
+        if sandbox.record.state != SandboxState::Ready {
+            return Err(SandboxError::NotReady {
+                id: sandbox.record.id.clone(),
+                reason: sandbox.record.reason.clone().unwrap_or_default(),
+            });
+        }
+        if let Some(agent) = &sandbox.agent {
+            return Ok(agent.clone());
+        }
+        let socket = sandbox
+            .record
+            .vm
+            .as_ref()
+            .map(|vm| vm.vsock_socket.clone())
+            .unwrap_or_default();
+        let agent = AgentClient::connect(&socket)
+            .await
+            .map_err(|e| SandboxError::NotReady {
+                id: sandbox.record.id.clone(),
+                reason: format!("cannot reach the agent: {e}"),
+            })?;
+        sandbox.agent = Some(agent.clone());
+        Ok(agent)
+    }
+
+    /// The directory holding this daemon's VM run directories.
+    pub fn run_root(&self) -> PathBuf {
+        self.config.run_dir.clone()
+    }
+}
+
+/// Length of the id prefix naming a VM's run directory.
+pub const RUN_DIR_NAME_LEN: usize = 16;
+
+/// A new 64-hex-digit id, as containerd's.
+fn new_id() -> Result<String, SandboxError> {
+    let mut bytes = [0u8; 32];
+    getrandom(&mut bytes).map_err(|source| SandboxError::Io {
+        what: "reading random bytes for an id".into(),
+        source,
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The last `lines` lines of a console log.
+fn console_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

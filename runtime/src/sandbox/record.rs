@@ -1,0 +1,63 @@
+//! What the daemon records about a pod sandbox.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::vm::qemu::QemuHandle;
+
+/// The pod's identity as kubelet gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMeta {
+    pub name: String,
+    pub uid: String,
+    pub namespace: String,
+    pub attempt: u32,
+}
+
+impl PodMeta {
+    /// The name under which the sandbox is reserved: one sandbox per
+    /// (name, namespace, uid, attempt), as containerd does.
+    pub fn reserved_name(&self) -> String {
+        format!(
+            "{}_{}_{}_{}",
+            self.name, self.namespace, self.uid, self.attempt
+        )
+    }
+}
+
+/// Lifecycle state as CRI sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SandboxState {
+    Ready,
+    NotReady,
+}
+
+/// The size of the pod's VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSize {
+    pub vcpus: u8,
+    pub mem_mib: u32,
+}
+
+/// One pod sandbox, as stored on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub meta: PodMeta,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub runtime_handler: String,
+    pub log_directory: String,
+    pub hostname: String,
+    /// Nanoseconds since the Unix epoch.
+    pub created_at_ns: i64,
+    pub state: SandboxState,
+    /// Why the sandbox is not ready, when it is not.
+    pub reason: Option<String>,
+    pub size: VmSize,
+    pub run_dir: PathBuf,
+    /// The VM's processes while it runs; `None` once stopped.
+    pub vm: Option<QemuHandle>,
+}
