@@ -21,7 +21,8 @@ fi
 packages=(
   qemu-system-x86             # the qemu VM driver (TCG where there is no hardware KVM)
   protobuf-compiler           # tonic code generation for the agent API
-  busybox-static              # test root filesystems
+  busybox-static              # test root filesystems and the demo image
+  docker-registry skopeo      # a real local registry for the image tests
   pkg-config gcc make         # -sys crates
   flex bison libelf-dev libssl-dev bc cpio xz-utils   # guest kernel build
 )

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::image::registry::RegistryConfig;
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/carapace/config.toml";
 
@@ -54,6 +56,8 @@ pub struct Config {
     /// Log filter (`error`, `warn`, `info`, `debug`, or a tracing filter).
     pub log_level: String,
     pub vm: VmConfig,
+    /// Insecure registries and mirrors (see docs/images.md).
+    pub registry: RegistryConfig,
 }
 
 /// How pod VMs are built.
@@ -87,6 +91,7 @@ impl Default for Config {
             run_dir: "/run/carapace/vms".into(),
             log_level: "info".into(),
             vm: VmConfig::default(),
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -140,6 +145,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.registry
+            .validate()
+            .map_err(|e| format!("registry: {e}"))?;
         let vm = &self.vm;
         if vm.default_vcpus == 0 || vm.default_vcpus > vm.max_vcpus {
             return Err(format!(
@@ -184,6 +192,18 @@ mod tests {
     }
 
     #[test]
+    fn registry_mirrors_parse() {
+        let c = Config::parse(
+            "[registry]\ninsecure = [\"127.0.0.1:5000\"]\n\
+             [registry.mirrors.\"registry.k8s.io\"]\nendpoints = [\"http://127.0.0.1:5000\"]\n",
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(c.registry.insecure, vec!["127.0.0.1:5000".to_string()]);
+        assert!(c.registry.mirrors.contains_key("registry.k8s.io"));
+    }
+
+    #[test]
     fn fields_override_defaults() {
         let c = Config::parse(
             "state_dir = \"/srv/state\"\n[vm]\ndriver = \"qemu\"\ndefault_mem_mib = 512\n",
@@ -207,6 +227,7 @@ mod tests {
         assert!(err("[vm]\ndriver = \"xen\"").contains("xen"));
         assert!(err("[vm]\ndefault_vcpus = 0").contains("default_vcpus"));
         assert!(err("state_dir = \"relative\"").contains("state_dir"));
+        assert!(err("[registry]\ninsecure = [\"\"]").contains("registry"));
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use carapace::config::{Config, DriverChoice};
 use carapace::cri::{self, CriService};
 use carapace::host::KvmKind;
+use carapace::image::pull::Puller;
+use carapace::image::{CriImageService, ImageStore};
 use carapace::sandbox::Sandboxes;
 use carapace::vm::qemu::QemuDriver;
 use carapace::vm::VmSpec;
@@ -106,6 +108,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             kvm.describe()
         ),
     }
+    let store = Arc::new(ImageStore::open(&config.image_dir)?);
+    for warning in store.load_warnings() {
+        tracing::error!("image store: {warning}");
+    }
+    let puller = Arc::new(Puller::new(store, config.registry.clone()));
+    let images = CriImageService::new(puller);
     let sandboxes = Sandboxes::load(config.clone(), driver)?;
     let service = CriService {
         sandboxes: Arc::new(sandboxes),
@@ -120,7 +128,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Pod VMs keep running: a restarted daemon finds them again.
         tracing::info!("shutting down; pod VMs keep running");
     };
-    cri::serve(&config.socket, service, shutdown).await
+    cri::serve(&config.socket, service, images, shutdown).await
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<()> {

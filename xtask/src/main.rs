@@ -5,6 +5,7 @@
 //! - `guest`: both.
 
 mod initramfs;
+mod oci_image;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +31,9 @@ enum Task {
     Kernel(OutArgs),
     /// Build the guest kernel and the guest initramfs.
     Guest(OutArgs),
+    /// Build the busybox demo image as an OCI layout (dir and tar)
+    /// [default out: <target dir>/images].
+    BusyboxImage(OutArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -50,6 +54,13 @@ fn main() -> anyhow::Result<()> {
         Task::Kernel(args) => {
             let out = out_dir(&root, args.out)?;
             kernel(&root, &out)?;
+        }
+        Task::BusyboxImage(args) => {
+            let out = args.out.unwrap_or_else(|| target_dir(&root).join("images"));
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let (dir, tar) = oci_image::build(&out)?;
+            oci_image::verify_with_sha256sum(&dir)?;
+            println!("{}\n{}", dir.display(), tar.display());
         }
         Task::Guest(args) => {
             let out = out_dir(&root, args.out)?;

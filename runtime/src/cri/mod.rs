@@ -2,6 +2,7 @@
 //! socket. One file per RPC family, one wrapper ([`rpc`]) around every call
 //! for logging and the mapping of errors to gRPC status codes.
 
+pub mod image_service;
 mod runtime_service;
 mod sandbox_list;
 mod sandbox_run;
@@ -13,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -108,6 +110,7 @@ pub struct CriService {
 pub async fn serve(
     socket: &Path,
     service: CriService,
+    images: image_service::CriImageService,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -130,6 +133,7 @@ pub async fn serve(
     tracing::info!("serving CRI on {}", socket.display());
     tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::new(service))
+        .add_service(ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("CRI server")?;
