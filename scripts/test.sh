@@ -11,5 +11,7 @@ log "cargo fmt --check"
 cargo fmt --all --check
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "build (the e2e tests drive the built binaries)"
+cargo build --workspace --bins --quiet
 log "tests (unit, kvm, e2e)"
 cargo nextest run --workspace --no-fail-fast

@@ -164,7 +164,7 @@ fn daemon_binary() -> PathBuf {
     let binary = profile_dir.join("carapace");
     assert!(
         binary.is_file(),
-        "{} is missing: build it with `cargo build -p carapace` (nextest --workspace does)",
+        "{} is missing: build it with `cargo build --workspace --bins` (scripts/test.sh does)",
         binary.display()
     );
     binary
