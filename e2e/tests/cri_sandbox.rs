@@ -262,3 +262,31 @@ async fn malformed_and_unknown_requests_get_the_right_codes() {
     // Nothing was created by any of it.
     assert!(list_ids(&mut cri, None).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_pods_start_concurrently() {
+    let daemon = Daemon::start().await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let mut cri = daemon.runtime().await;
+        tasks.push(tokio::spawn(async move {
+            run(&mut cri, &format!("pod{i}")).await
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.expect("RunPodSandbox task"));
+    }
+    let mut cri = daemon.runtime().await;
+    let mut listed = list_ids(&mut cri, None).await;
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    for id in &ids {
+        assert_eq!(state(&mut cri, id).await, PodSandboxState::SandboxReady);
+    }
+    for id in &ids {
+        remove(&mut cri, id).await;
+    }
+    assert!(processes_mentioning(&daemon.run_dir()).is_empty());
+}
