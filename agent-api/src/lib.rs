@@ -9,7 +9,7 @@ pub mod v1 {
 }
 
 /// The newest agent API revision this build speaks.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
 /// The oldest agent API revision this build still serves.
 pub const MIN_API_VERSION: u32 = 1;
@@ -22,3 +22,6 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// waits for this instead of polling the guest: connecting to a guest whose
 /// vsock driver is still initialising is unreliable with some backends.
 pub const READY_VSOCK_PORT: u32 = 1025;
+
+/// Where the agent writes the pod's DNS and host files (SetupSandbox).
+pub const SANDBOX_FILES_DIR: &str = "/run/carapace/sandbox";

@@ -73,8 +73,12 @@ const BASE_MOUNTS: &[BaseMount] = &[
     },
 ];
 
-/// Prepares the guest as init: base mounts, then a sane umask.
+/// Prepares the guest as init: a root that pivot_root can leave, base
+/// mounts, then a sane umask.
 pub fn setup() {
+    if let Err(e) = leave_initramfs_root() {
+        tracing::error!("cannot move off the initramfs root (containers will fail): {e}");
+    }
     for m in BASE_MOUNTS {
         if let Err(e) = mount_one(m) {
             tracing::error!("mounting {} on {} failed: {e}", m.fstype, m.target);
@@ -82,6 +86,34 @@ pub fn setup() {
     }
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     tracing::info!("guest base mounts ready");
+}
+
+/// pivot_root(2) fails for a process whose root is the initramfs itself
+/// (the rootfs mount has no parent). So init binds the initramfs root onto
+/// a directory, moves that mount over `/` and chroots into it, as
+/// switch_root does with a real root: the files stay where they are, but
+/// the root is now an ordinary mount, and every container's pivot_root
+/// works.
+fn leave_initramfs_root() -> nix::Result<()> {
+    const STAGE: &str = "/.carapace-root";
+    match nix::unistd::mkdir(STAGE, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(e),
+    }
+    mount(
+        Some("/"),
+        STAGE,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    nix::unistd::chdir(STAGE)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
+    nix::unistd::chdir("/")?;
+    // The staging directory shows in the new root too (same files).
+    let _ = std::fs::remove_dir(STAGE);
+    Ok(())
 }
 
 fn mount_one(m: &BaseMount) -> nix::Result<()> {

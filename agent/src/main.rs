@@ -8,9 +8,14 @@
 //! init exits), so every failure past argument parsing is logged and retried.
 
 mod announce;
+mod cgroup;
+mod container;
 mod init;
 mod listen;
+mod reaper;
+mod sandbox;
 mod service;
+mod stdio;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -20,6 +25,11 @@ use listen::ListenAddr;
 const USAGE: &str = "usage: carapace-agent [--listen vsock:<port> | --listen unix:<path>]";
 
 fn main() -> ExitCode {
+    // The agent re-executes itself to create container processes (see
+    // container::init); that helper must not start logging or threads.
+    if std::env::args_os().nth(1).as_deref() == Some(container::init::INIT_ARG.as_ref()) {
+        container::init::main();
+    }
     let started = Instant::now();
     let is_init = std::process::id() == 1;
     init_logging();
@@ -39,6 +49,14 @@ fn main() -> ExitCode {
         }
     };
 
+    if !is_init {
+        // Orphans of container processes must come back to us, as they do
+        // to init in the guest.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::error!("cannot become a child subreaper: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = run(listen, started, is_init);
     if is_init {
         // Unreachable in practice (`run` retries forever as init), but init
@@ -89,8 +107,11 @@ fn run(listen: ListenAddr, started: Instant, is_init: bool) -> Result<(), String
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async move {
+        let reaper = reaper::Reaper::start()
+            .map_err(|e| format!("cannot watch for exited children: {e}"))?;
+        let containers = std::sync::Arc::new(container::Manager::new(reaper));
         loop {
-            let result = service::serve(&listen, started).await;
+            let result = service::serve(&listen, started, containers.clone()).await;
             if !is_init {
                 return result.map_err(|e| e.to_string());
             }

@@ -2,13 +2,28 @@
 
 use std::time::{Duration, Instant};
 
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use carapace_agent_api::v1::agent_server::{Agent, AgentServer};
-use carapace_agent_api::v1::{HealthRequest, HealthResponse};
+use carapace_agent_api::v1::{
+    ContainerStatsRequest, ContainerStatsResponse, CreateContainerRequest, CreateContainerResponse,
+    DeleteContainerRequest, DeleteContainerResponse, Event, EventsRequest, ExecProcessRequest,
+    ExecProcessResponse, HealthRequest, HealthResponse, NamespaceMode, OutputChunk, ProcessRef,
+    ReadOutputRequest, ResizeTtyRequest, ResizeTtyResponse, SetupSandboxRequest,
+    SetupSandboxResponse, SignalProcessRequest, SignalProcessResponse, StartContainerRequest,
+    StartContainerResponse, UpdateContainerResourcesRequest, UpdateContainerResourcesResponse,
+    WaitProcessRequest, WaitProcessResponse, WriteStdinRequest, WriteStdinResponse,
+};
 use carapace_agent_api::{API_VERSION, MIN_API_VERSION};
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::broadcast;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
+
+use crate::container::{ContainerError, Manager};
 
 use crate::listen::ListenAddr;
 
@@ -32,13 +47,28 @@ const MAX_CONCURRENT_STREAMS: u32 = 64;
 #[derive(Debug)]
 pub struct AgentService {
     started: Instant,
+    containers: Arc<Manager>,
 }
 
 impl AgentService {
-    pub fn new(started: Instant) -> Self {
-        Self { started }
+    pub fn new(started: Instant, containers: Arc<Manager>) -> Self {
+        Self {
+            started,
+            containers,
+        }
     }
 }
+
+fn status(e: ContainerError) -> Status {
+    tracing::debug!("request failed: {e}");
+    Status::new(e.code(), e.to_string())
+}
+
+fn process_ref(r: Option<ProcessRef>) -> Result<ProcessRef, Status> {
+    r.ok_or_else(|| Status::invalid_argument("process is required"))
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Agent for AgentService {
@@ -55,10 +85,208 @@ impl Agent for AgentService {
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         }))
     }
+
+    async fn setup_sandbox(
+        &self,
+        request: Request<SetupSandboxRequest>,
+    ) -> Result<Response<SetupSandboxResponse>, Status> {
+        let req = request.into_inner();
+        let resp = crate::sandbox::setup(&req).map_err(|e| Status::new(e.code(), e.to_string()))?;
+        if let Some(first) = req.shared_filesystems.first() {
+            self.containers
+                .set_shared_root(PathBuf::from(&first.mount_point));
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<CreateContainerRequest>,
+    ) -> Result<Response<CreateContainerResponse>, Status> {
+        let req = request.into_inner();
+        let pid_mode = NamespaceMode::try_from(req.pid_mode)
+            .map_err(|_| Status::invalid_argument("unknown pid_mode"))?;
+        let ipc_mode = NamespaceMode::try_from(req.ipc_mode)
+            .map_err(|_| Status::invalid_argument("unknown ipc_mode"))?;
+        let pid = self
+            .containers
+            .create(
+                &req.container_id,
+                &req.oci_spec_json,
+                &req.username,
+                pid_mode,
+                ipc_mode,
+                req.stdin,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(CreateContainerResponse {
+            pid: u32::try_from(pid).unwrap_or(0),
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<StartContainerRequest>,
+    ) -> Result<Response<StartContainerResponse>, Status> {
+        self.containers
+            .start(&request.get_ref().container_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(StartContainerResponse {}))
+    }
+
+    async fn exec_process(
+        &self,
+        request: Request<ExecProcessRequest>,
+    ) -> Result<Response<ExecProcessResponse>, Status> {
+        let req = request.into_inner();
+        let pid = self
+            .containers
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.oci_process_json,
+                &req.username,
+                req.stdin,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ExecProcessResponse {
+            pid: u32::try_from(pid).unwrap_or(0),
+        }))
+    }
+
+    async fn signal_process(
+        &self,
+        request: Request<SignalProcessRequest>,
+    ) -> Result<Response<SignalProcessResponse>, Status> {
+        let req = request.into_inner();
+        let process = process_ref(req.process)?;
+        self.containers
+            .signal(&process, req.signal)
+            .map_err(status)?;
+        Ok(Response::new(SignalProcessResponse {}))
+    }
+
+    async fn wait_process(
+        &self,
+        request: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        let process = process_ref(request.into_inner().process)?;
+        let p = self.containers.process(&process).map_err(status)?;
+        Ok(Response::new(WaitProcessResponse {
+            status: Some(p.wait().await),
+        }))
+    }
+
+    async fn delete_container(
+        &self,
+        request: Request<DeleteContainerRequest>,
+    ) -> Result<Response<DeleteContainerResponse>, Status> {
+        let req = request.into_inner();
+        self.containers
+            .delete(&req.container_id, req.force)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(DeleteContainerResponse {}))
+    }
+
+    async fn write_stdin(
+        &self,
+        request: Request<WriteStdinRequest>,
+    ) -> Result<Response<WriteStdinResponse>, Status> {
+        let req = request.into_inner();
+        let process = process_ref(req.process)?;
+        let p = self.containers.process(&process).map_err(status)?;
+        p.io.write_stdin(&req.data, req.close)
+            .await
+            .map_err(|e| status(e.into()))?;
+        Ok(Response::new(WriteStdinResponse {}))
+    }
+
+    type ReadOutputStream = BoxStream<OutputChunk>;
+
+    async fn read_output(
+        &self,
+        request: Request<ReadOutputRequest>,
+    ) -> Result<Response<Self::ReadOutputStream>, Status> {
+        let process = process_ref(request.into_inner().process)?;
+        let p = self.containers.process(&process).map_err(status)?;
+        let output = p.io.take_output().map_err(|e| status(e.into()))?;
+        let stream = futures_util::stream::unfold(output, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok(chunk), rx))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn resize_tty(
+        &self,
+        request: Request<ResizeTtyRequest>,
+    ) -> Result<Response<ResizeTtyResponse>, Status> {
+        let req = request.into_inner();
+        let process = process_ref(req.process)?;
+        let (Ok(rows), Ok(cols)) = (u16::try_from(req.rows), u16::try_from(req.cols)) else {
+            return Err(Status::invalid_argument(
+                "rows and cols must fit in 16 bits",
+            ));
+        };
+        let p = self.containers.process(&process).map_err(status)?;
+        p.io.resize(rows, cols).map_err(|e| status(e.into()))?;
+        Ok(Response::new(ResizeTtyResponse {}))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<ContainerStatsRequest>,
+    ) -> Result<Response<ContainerStatsResponse>, Status> {
+        let stats = self
+            .containers
+            .stats(&request.get_ref().container_id)
+            .map_err(status)?;
+        Ok(Response::new(stats))
+    }
+
+    async fn update_container_resources(
+        &self,
+        request: Request<UpdateContainerResourcesRequest>,
+    ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
+        let req = request.into_inner();
+        self.containers
+            .update(&req.container_id, &req.oci_resources_json)
+            .map_err(status)?;
+        Ok(Response::new(UpdateContainerResourcesResponse {}))
+    }
+
+    type EventsStream = BoxStream<Event>;
+
+    async fn events(
+        &self,
+        _request: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let rx = self.containers.subscribe();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => return Some((Ok(event), rx)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("event stream reader lagged; {n} events dropped");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
 
 /// Serves the agent API on `addr` until the listener fails.
-pub async fn serve(addr: &ListenAddr, started: Instant) -> Result<(), ServeError> {
+pub async fn serve(
+    addr: &ListenAddr,
+    started: Instant,
+    containers: Arc<Manager>,
+) -> Result<(), ServeError> {
     let listen_err = |source| ServeError::Listen {
         addr: addr.clone(),
         source,
@@ -72,7 +300,11 @@ pub async fn serve(addr: &ListenAddr, started: Instant) -> Result<(), ServeError
                 env!("CARGO_PKG_VERSION")
             );
             tokio::spawn(crate::announce::ready());
-            serve_incoming(accept_loop(listener, |l| Box::pin(l.accept())), started).await
+            serve_incoming(
+                accept_loop(listener, |l| Box::pin(l.accept())),
+                AgentService::new(started, containers),
+            )
+            .await
         }
         ListenAddr::Unix(path) => {
             // A stale socket from an earlier run would make bind fail.
@@ -82,12 +314,16 @@ pub async fn serve(addr: &ListenAddr, started: Instant) -> Result<(), ServeError
                 "carapace-agent {} listening on {addr}",
                 env!("CARGO_PKG_VERSION")
             );
-            serve_incoming(accept_loop(listener, |l| Box::pin(l.accept())), started).await
+            serve_incoming(
+                accept_loop(listener, |l| Box::pin(l.accept())),
+                AgentService::new(started, containers),
+            )
+            .await
         }
     }
 }
 
-async fn serve_incoming<S, IO>(incoming: S, started: Instant) -> Result<(), ServeError>
+async fn serve_incoming<S, IO>(incoming: S, service: AgentService) -> Result<(), ServeError>
 where
     S: Stream<Item = Result<IO, std::io::Error>> + Send + 'static,
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
@@ -96,7 +332,7 @@ where
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(AgentServer::new(AgentService::new(started)))
+        .add_service(AgentServer::new(service))
         .serve_with_incoming(incoming)
         .await?;
     Ok(())

@@ -30,8 +30,12 @@ impl Agent {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "agent did not create its socket");
+        // The socket file appears at bind(), a moment before listen().
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agent does not accept connections"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         Agent {

@@ -178,6 +178,12 @@ impl AgentClient {
         };
         Ok(self.grpc.health(request).await?.into_inner())
     }
+
+    /// The generated client, for the agent RPCs this wrapper does not
+    /// name (containers, processes, stdio, stats, events).
+    pub fn grpc(&mut self) -> &mut GrpcClient<Channel> {
+        &mut self.grpc
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,201 @@
+//! Users and groups from the container's own `/etc/passwd` and `/etc/group`
+//! (what `run_as_username` and the user's supplementary groups mean).
+
+use std::path::Path;
+
+/// Errors resolving a user.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("user {0:?} not found in the container's /etc/passwd")]
+    NotFound(String),
+    #[error("cannot read the container's {path}: {source}")]
+    Read {
+        path: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// One `/etc/passwd` entry (the fields we use).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswdEntry {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+}
+
+/// Parses `/etc/passwd` text; malformed lines are skipped, as libc does.
+pub fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() < 7 {
+                return None;
+            }
+            Some(PasswdEntry {
+                name: f[0].to_owned(),
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+                home: f[5].to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The gids of the groups in `/etc/group` text that list `user` as a member.
+pub fn member_gids(text: &str, user: &str) -> Vec<u32> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() < 4 {
+                return None;
+            }
+            let gid = f[2].parse().ok()?;
+            f[3].split(',').any(|m| m.trim() == user).then_some(gid)
+        })
+        .collect()
+}
+
+/// Reads a file of the container's root (`root` is usually `/` after
+/// pivot_root); a missing file reads as empty, as for images without one.
+fn read_optional(root: &Path, path: &'static str) -> Result<String, UserError> {
+    match std::fs::read_to_string(root.join(path.trim_start_matches('/'))) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(UserError::Read { path, source }),
+    }
+}
+
+/// What the process runs as, after resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups: the requested ones, then the user's memberships.
+    pub groups: Vec<u32>,
+    /// The user's home directory, when /etc/passwd knows the user.
+    pub home: Option<String>,
+}
+
+/// Resolves the process's user: `username` (when set) must exist in the
+/// container's /etc/passwd; otherwise the numeric uid/gid stand, and the
+/// passwd entry of that uid (if any) still gives the home directory and
+/// the group memberships, as runc does.
+pub fn resolve(
+    root: &Path,
+    username: Option<&str>,
+    uid: u32,
+    gid: u32,
+    additional_gids: &[u32],
+) -> Result<ResolvedUser, UserError> {
+    let passwd = parse_passwd(&read_optional(root, "/etc/passwd")?);
+    let entry = match username {
+        Some(name) => Some(
+            passwd
+                .iter()
+                .find(|e| e.name == name)
+                .ok_or_else(|| UserError::NotFound(name.to_owned()))?,
+        ),
+        None => passwd.iter().find(|e| e.uid == uid),
+    };
+    let (uid, gid) = match (username, entry) {
+        (Some(_), Some(e)) => (e.uid, e.gid),
+        _ => (uid, gid),
+    };
+    let mut groups = additional_gids.to_vec();
+    if let Some(e) = entry {
+        let group_text = read_optional(root, "/etc/group")?;
+        for g in member_gids(&group_text, &e.name) {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+    }
+    Ok(ResolvedUser {
+        uid,
+        gid,
+        groups,
+        home: entry.map(|e| e.home.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
+        # comment\n\
+        broken line\n\
+        app:x:1000:1001:App:/home/app:/bin/sh\n\
+        bad:x:notanumber:1:b:/:/bin/sh\n";
+    const GROUP: &str = "root:x:0:\nwheel:x:10:app,other\nstaff:x:50:other\ndocker:x:999: app \n";
+
+    #[test]
+    fn parses_passwd_skipping_malformed_lines() {
+        let entries = parse_passwd(PASSWD);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(
+            entries[1],
+            PasswdEntry {
+                name: "app".into(),
+                uid: 1000,
+                gid: 1001,
+                home: "/home/app".into()
+            }
+        );
+    }
+
+    #[test]
+    fn finds_group_memberships() {
+        assert_eq!(member_gids(GROUP, "app"), vec![10, 999]);
+        assert_eq!(member_gids(GROUP, "nobody"), Vec::<u32>::new());
+    }
+
+    fn root_with(passwd: &str, group: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(dir.path().join("etc/passwd"), passwd).unwrap();
+        std::fs::write(dir.path().join("etc/group"), group).unwrap();
+        dir
+    }
+
+    #[test]
+    fn resolves_username_with_groups_and_home() {
+        let root = root_with(PASSWD, GROUP);
+        let user = resolve(root.path(), Some("app"), 0, 0, &[5]).unwrap();
+        assert_eq!(
+            user,
+            ResolvedUser {
+                uid: 1000,
+                gid: 1001,
+                groups: vec![5, 10, 999],
+                home: Some("/home/app".into())
+            }
+        );
+    }
+
+    #[test]
+    fn numeric_user_keeps_ids_and_finds_home() {
+        let root = root_with(PASSWD, GROUP);
+        let user = resolve(root.path(), None, 1000, 7, &[]).unwrap();
+        assert_eq!((user.uid, user.gid), (1000, 7));
+        assert_eq!(user.home.as_deref(), Some("/home/app"));
+        let unknown = resolve(root.path(), None, 4242, 4242, &[]).unwrap();
+        assert_eq!(unknown.home, None);
+        assert!(unknown.groups.is_empty());
+    }
+
+    #[test]
+    fn unknown_username_is_an_error_naming_the_user() {
+        let root = root_with(PASSWD, GROUP);
+        let err = resolve(root.path(), Some("ghost"), 0, 0, &[]).unwrap_err();
+        assert!(err.to_string().contains("\"ghost\""), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            resolve(empty.path(), Some("root"), 0, 0, &[]),
+            Err(UserError::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,220 @@
+//! SetupSandbox: the pod-wide state of the guest (hostname, DNS and hosts
+//! files, virtio-fs shares, sysctls). Everything is validated before the
+//! first change.
+
+use std::path::{Path, PathBuf};
+
+use carapace_agent_api::v1::{SetupSandboxRequest, SetupSandboxResponse};
+use carapace_agent_api::SANDBOX_FILES_DIR;
+use nix::mount::MsFlags;
+
+/// Errors of sandbox setup.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mounting virtio-fs tag {tag:?} on {path}: {source}")]
+    Mount {
+        tag: String,
+        path: PathBuf,
+        source: nix::Error,
+    },
+    #[error("setting the hostname: {0}")]
+    Hostname(nix::Error),
+}
+
+impl SandboxError {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            SandboxError::Invalid(_) => tonic::Code::InvalidArgument,
+            _ => tonic::Code::Internal,
+        }
+    }
+}
+
+/// A sysctl name: dotted (or slashed) lowercase words, nothing that could
+/// leave /proc/sys.
+pub fn validate_sysctl_key(key: &str) -> Result<(), String> {
+    let ok = !key.is_empty()
+        && key.split(['.', '/']).all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid sysctl name {key:?}"))
+    }
+}
+
+fn validate_hostname(name: &str) -> Result<(), String> {
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid hostname {name:?}"))
+    }
+}
+
+fn validate(req: &SetupSandboxRequest) -> Result<(), SandboxError> {
+    let invalid = SandboxError::Invalid;
+    validate_hostname(&req.hostname).map_err(invalid)?;
+    for fs in &req.shared_filesystems {
+        if fs.tag.is_empty() || fs.tag.len() > 36 {
+            return Err(invalid(format!("invalid virtio-fs tag {:?}", fs.tag)));
+        }
+        if !crate::container::is_clean_absolute(Path::new(&fs.mount_point)) || fs.mount_point == "/"
+        {
+            return Err(invalid(format!(
+                "mount point {:?} must be an absolute path without '..'",
+                fs.mount_point
+            )));
+        }
+    }
+    for key in req.sysctls.keys() {
+        validate_sysctl_key(key).map_err(invalid)?;
+    }
+    Ok(())
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| mp == wanted)
+}
+
+fn write_file(dir: &Path, name: &str, content: &str) -> Result<String, SandboxError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| SandboxError::Io { op, path, source }
+    };
+    std::fs::write(&tmp, content).map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("renaming", &path))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// Applies the request. Shares already mounted at their mount point are
+/// left as they are, so a repeated call is harmless.
+pub fn setup(req: &SetupSandboxRequest) -> Result<SetupSandboxResponse, SandboxError> {
+    validate(req)?;
+    let dir = Path::new(SANDBOX_FILES_DIR);
+    std::fs::create_dir_all(dir).map_err(|source| SandboxError::Io {
+        op: "creating",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut resp = SetupSandboxResponse::default();
+    if !req.hostname.is_empty() {
+        nix::unistd::sethostname(&req.hostname).map_err(SandboxError::Hostname)?;
+        resp.hostname_path = write_file(dir, "hostname", &format!("{}\n", req.hostname))?;
+    }
+    if !req.resolv_conf.is_empty() {
+        resp.resolv_conf_path = write_file(dir, "resolv.conf", &req.resolv_conf)?;
+    }
+    if !req.hosts.is_empty() {
+        resp.hosts_path = write_file(dir, "hosts", &req.hosts)?;
+    }
+    for fs in &req.shared_filesystems {
+        let path = PathBuf::from(&fs.mount_point);
+        if is_mount_point(&path) {
+            continue;
+        }
+        std::fs::create_dir_all(&path).map_err(|source| SandboxError::Io {
+            op: "creating",
+            path: path.clone(),
+            source,
+        })?;
+        nix::mount::mount(
+            Some(fs.tag.as_str()),
+            &path,
+            Some("virtiofs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(|source| SandboxError::Mount {
+            tag: fs.tag.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        tracing::info!("mounted virtio-fs {:?} on {}", fs.tag, path.display());
+    }
+    let mut keys: Vec<_> = req.sysctls.iter().collect();
+    keys.sort();
+    for (key, value) in keys {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        std::fs::write(&path, value).map_err(|source| SandboxError::Io {
+            op: "writing sysctl",
+            path,
+            source,
+        })?;
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carapace_agent_api::v1::SharedFilesystem;
+
+    #[test]
+    fn sysctl_names_stay_in_proc_sys() {
+        for ok in [
+            "net.ipv4.ip_forward",
+            "kernel.shm_rmid_forced",
+            "net/core/somaxconn",
+        ] {
+            assert!(validate_sysctl_key(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "net..x",
+            "../../etc/passwd",
+            "net.ipv4.ip forward",
+            "/abs",
+        ] {
+            assert!(validate_sysctl_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_requests_change_nothing() {
+        let bad = [
+            SetupSandboxRequest {
+                hostname: "bad host".into(),
+                ..Default::default()
+            },
+            SetupSandboxRequest {
+                shared_filesystems: vec![SharedFilesystem {
+                    tag: "pod".into(),
+                    mount_point: "/run/../etc".into(),
+                }],
+                ..Default::default()
+            },
+            SetupSandboxRequest {
+                sysctls: [("../x".to_owned(), "1".to_owned())].into(),
+                ..Default::default()
+            },
+        ];
+        for req in bad {
+            assert!(matches!(validate(&req), Err(SandboxError::Invalid(_))));
+        }
+    }
+}
