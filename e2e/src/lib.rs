@@ -20,6 +20,7 @@ use carapace::vm::VmSpec;
 use carapace_agent_api::v1::HealthResponse;
 
 pub mod daemon;
+pub mod node;
 
 /// How long a boot may take before the test fails. TCG on a loaded 2-core
 /// machine is slow; a healthy boot takes about a second.

@@ -10,9 +10,10 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::{boot, gdt, layout};
+use crate::arch::x86_64::{boot, gdt, layout, mptable};
 use crate::config::{SerialOutput, ValidatedConfig};
 use crate::devices::legacy::{EventFdTrigger, Serial, SerialError, I8042};
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{IrqLine, MmioTransport, VirtioDevice};
@@ -37,12 +38,18 @@ pub enum BuildError {
     /// GDT or page tables.
     #[error(transparent)]
     Gdt(#[from] gdt::GdtError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
     /// The serial console.
     #[error(transparent)]
     Serial(#[from] SerialError),
     /// The vsock device.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A block device.
+    #[error(transparent)]
+    Block(#[from] BlockError),
     /// Device address ranges.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -188,10 +195,17 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
         slots.push(slot);
         cmdline_extra.push(entry);
     }
+    for drive in &cfg.drives {
+        let dev = Block::new(&drive.path, drive.read_only)?;
+        let (slot, entry) = attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(dev))?;
+        slots.push(slot);
+        cmdline_extra.push(entry);
+    }
 
     let cmdline = boot::build_cmdline(&cfg.cmdline, &cmdline_extra)?;
     boot::write_boot_params(&mem, &cmdline, initrd)?;
     gdt::write_gdt_and_idt(&mem)?;
+    mptable::write(&mem, cfg.vcpus)?;
     let cr3 = gdt::write_page_tables(&mem)?;
 
     let pio = Arc::new(pio);

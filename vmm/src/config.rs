@@ -80,6 +80,20 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// A virtio-blk disk backed by a file (or a block device).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// The disk image.
+    pub path: PathBuf,
+    /// Refuse guest writes (and open the image read-only).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Most disks a VM may have.
+pub const MAX_DRIVES: usize = 16;
+
 /// The whole VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +116,9 @@ pub struct VmConfig {
     /// Optional virtio-vsock device.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-blk disks, in order (`/dev/vda`, `/dev/vdb`, ... in a Linux guest).
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
     /// Optional control API socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
@@ -172,6 +189,28 @@ impl VmConfig {
                 ));
             }
             check_socket_path("vsock.uds_path", &vsock.uds_path, MAX_UDS_PATH_LEN)?;
+        }
+        if self.drives.len() > MAX_DRIVES {
+            return Err(invalid("drives", format!("at most {MAX_DRIVES} drives")));
+        }
+        for drive in &self.drives {
+            match std::fs::metadata(&drive.path) {
+                Ok(m)
+                    if m.is_file()
+                        || std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        "drives.path",
+                        format!("{} is not a file or block device", drive.path.display()),
+                    ))
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        "drives.path",
+                        format!("{}: {e}", drive.path.display()),
+                    ))
+                }
+            }
         }
         if let Some(api) = &self.api_socket {
             check_socket_path("api_socket", api, 107)?;
@@ -308,6 +347,20 @@ mod tests {
             "vsock.uds_path"
         );
         cfg = ok.clone();
+        cfg.drives = vec![DriveConfig {
+            path: dir.path().to_path_buf(),
+            read_only: false,
+        }];
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "drives.path");
+        cfg.drives = vec![
+            DriveConfig {
+                path: k.path().to_path_buf(),
+                read_only: true,
+            };
+            MAX_DRIVES + 1
+        ];
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "drives");
+        cfg = ok.clone();
         cfg.api_socket = Some(k.path().to_path_buf());
         assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "api_socket");
     }
@@ -320,6 +373,7 @@ mod tests {
             r#"{{"vcpus": 2, "mem_size_mib": 256, "kernel": "{k}", "cmdline": "console=ttyS0",
                 "serial": {{"file": "{d}/console.log"}},
                 "vsock": {{"guest_cid": 3, "uds_path": "{d}/v.sock"}},
+                "drives": [{{"path": "{k}", "read_only": true}}],
                 "api_socket": "{d}/api.sock"}}"#,
             k = k.path().display(),
             d = dir.path().display()

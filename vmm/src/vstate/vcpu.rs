@@ -216,6 +216,7 @@ impl Vcpu {
                     st.paused -= 1;
                 }
                 if st.want == Want::Stop {
+                    self.log_state();
                     st.exited += 1;
                     control.cv.notify_all();
                     return;
@@ -230,6 +231,28 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Where the vCPU was when it stopped: the first thing to look at when a guest hangs.
+    fn log_state(&self) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return;
+        };
+        tracing::debug!(
+            vcpu = self.id,
+            rip = format_args!("{:#x}", regs.rip),
+            rsp = format_args!("{:#x}", regs.rsp),
+            rflags = format_args!("{:#x}", regs.rflags),
+            cr0 = format_args!("{:#x}", sregs.cr0),
+            cr3 = format_args!("{:#x}", sregs.cr3),
+            cr4 = format_args!("{:#x}", sregs.cr4),
+            efer = format_args!("{:#x}", sregs.efer),
+            exits = ?self.metrics,
+            "vCPU state at stop"
+        );
     }
 
     /// One `KVM_RUN`; returns a reason if the VM should end.

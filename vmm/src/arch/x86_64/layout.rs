@@ -34,6 +34,12 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area: low RAM ends here in the e820 map.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The MP table (floating pointer first): the first KiB of the EBDA, where Linux looks.
+pub const MPTABLE_START: u64 = EBDA_START;
+/// The IOAPIC's register window.
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The local APICs' register window.
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// Start of high memory, where the kernel lives.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap.

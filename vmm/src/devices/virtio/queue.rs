@@ -79,6 +79,51 @@ where
     Ok(total)
 }
 
+/// Walks a request chain of device-readable descriptors followed by device-writable ones
+/// (virtio-blk's layout: header, data, status): every descriptor non-empty and inside guest
+/// memory, no readable one after a writable one, the chain terminates, and the total is at
+/// most `max_len`. Returns (readable bytes, writable bytes).
+pub fn validate_request_chain<M>(
+    chain: &DescriptorChain<M>,
+    max_len: u64,
+) -> Result<(u64, u64), ChainError>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + GuestMemoryBackend,
+{
+    let mem = chain.memory();
+    let (mut readable, mut writable) = (0u64, 0u64);
+    let mut last_has_next = false;
+    let mut count = 0usize;
+    for desc in chain.clone() {
+        count += 1;
+        last_has_next = desc.has_next();
+        if desc.len() == 0 {
+            return Err(ChainError::ZeroLength);
+        }
+        if !GuestMemoryBackend::check_range(mem, desc.addr(), desc.len() as usize) {
+            return Err(ChainError::OutOfRange);
+        }
+        if desc.is_write_only() {
+            writable += u64::from(desc.len());
+        } else if writable > 0 {
+            return Err(ChainError::WrongDirection);
+        } else {
+            readable += u64::from(desc.len());
+        }
+        if readable + writable > max_len {
+            return Err(ChainError::TooLong(max_len));
+        }
+    }
+    if count == 0 {
+        return Err(ChainError::Empty);
+    }
+    if last_has_next {
+        return Err(ChainError::Unterminated);
+    }
+    Ok((readable, writable))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +158,40 @@ mod tests {
                 Direction::DeviceWrites
             ),
             Ok(30)
+        );
+    }
+
+    #[test]
+    fn request_chains_need_readable_before_writable() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let check = |descs: &[RawDescriptor]| {
+            let q = MockSplitQueue::new(&mem, 16);
+            let chain = q.build_multiple_desc_chains(descs).unwrap();
+            validate_request_chain(&chain, 0x8000)
+        };
+        assert_eq!(
+            check(&[
+                desc(0x1000, 16, N, 1),
+                desc(0x2000, 512, W | N, 2),
+                desc(0x3000, 1, W, 0)
+            ]),
+            Ok((16, 513))
+        );
+        assert_eq!(
+            check(&[desc(0x1000, 16, W | N, 1), desc(0x2000, 512, 0, 0)]),
+            Err(ChainError::WrongDirection)
+        );
+        assert_eq!(
+            check(&[desc(0x1000, 16, N, 1), desc(0x2000, 0, W, 0)]),
+            Err(ChainError::ZeroLength)
+        );
+        assert_eq!(
+            check(&[desc(0x1000, 16, N, 1), desc(0x2000, 16, N, 0)]),
+            Err(ChainError::Unterminated)
+        );
+        assert_eq!(
+            check(&[desc(0x1000, 16, N, 1), desc(0xf_f000, 0x2000, W, 0)]),
+            Err(ChainError::OutOfRange)
         );
     }
 

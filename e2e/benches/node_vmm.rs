@@ -1,0 +1,198 @@
+//! Our VMM against QEMU, side by side.
+//!
+//! 1. In the nested test node (same guest kernel and agent initramfs, same node KVM, same
+//!    guest command line, 1 vCPU, 256 MiB in a memfd for both): boot-to-agent-ready (spawn of
+//!    the monitor to the agent's first Health answer over hybrid vsock; QEMU's vsock backend,
+//!    vhost-device-vsock, is started before the clock) and the monitor's resident memory
+//!    excluding guest RAM (RssAnon + RssFile; guest RAM is the memfd, counted in RssShmem).
+//!    Runs alternate between the two monitors; medians of `NODE_BENCH_RUNS` (default 5).
+//! 2. On this host's own KVM: `carapace-vmm` process spawn to the first guest instruction's
+//!    output (a payload whose first act is a byte to COM1), median of 20.
+//!
+//! `cargo bench -p carapace-e2e --bench node_vmm`
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use carapace_e2e::node::{NodeBinaries, NodeImage};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+const NODE_SCRIPT: &str = r#"
+CMDLINE="console=ttyS0 reboot=k panic=1 pci=off quiet"
+wait_for() { w=0; while [ ! -e "$1" ] && [ $w -lt 300 ]; do sleep 0.1; w=$((w + 1)); done; }
+for i in $(seq 1 $RUNS); do
+    mkdir -p /run/o$i /run/q$i
+    cat > /tmp/o$i.json <<EOF
+{"vcpus": 1, "mem_size_mib": 256, "kernel": "/guest/vmlinux", "initrd": "/guest/initramfs.cpio",
+ "cmdline": "$CMDLINE", "serial": {"file": "/run/o$i/console.log"},
+ "vsock": {"guest_cid": 3, "uds_path": "/run/o$i/vsock.sock"}}
+EOF
+    node_probe boot /run/o$i/vsock.sock $TIMEOUT_MS carapace-vmm --config /tmp/o$i.json | sed "s/^@@/@@ours.$i./"
+    /usr/local/bin/vhost-device-vsock --vm guest-cid=3,socket=/run/q$i/vhost.sock,uds-path=/run/q$i/vsock.sock >/run/q$i/backend.log 2>&1 &
+    B=$!
+    wait_for /run/q$i/vhost.sock
+    [ -e /run/q$i/vhost.sock ] || { echo "vhost-device-vsock did not start:"; cat /run/q$i/backend.log; }
+    node_probe boot /run/q$i/vsock.sock $TIMEOUT_MS /usr/bin/qemu-system-x86_64 \
+        -M microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off -accel kvm -cpu host \
+        -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256M \
+        -object memory-backend-memfd,id=mem,size=256M,share=on \
+        -chardev file,id=console,path=/run/q$i/console.log -serial chardev:console \
+        -chardev socket,id=vsock,path=/run/q$i/vhost.sock -device vhost-user-vsock-device,chardev=vsock \
+        -kernel /guest/vmlinux -initrd /guest/initramfs.cpio -append "$CMDLINE" | sed "s/^@@/@@qemu.$i./"
+    [ -s /run/q$i/console.log ] && tail -5 /run/q$i/console.log | sed 's/^/qemu-guest| /'
+    kill $B 2>/dev/null; wait $B 2>/dev/null
+done
+"#;
+
+fn node_bench(runs: usize) {
+    let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+    let timeout_ms = std::env::var("NODE_BENCH_TIMEOUT_MS").unwrap_or_else(|_| "300000".into());
+    let mut image = NodeImage::new(&format!(
+        "RUNS={runs}\nTIMEOUT_MS={timeout_ms}\n{NODE_SCRIPT}"
+    ))
+    .host_program(qemu)
+    .host_program(Path::new("/usr/local/bin/vhost-device-vsock"));
+    for rom in [
+        "qboot.rom",
+        "bios-microvm.bin",
+        "pvh.bin",
+        "linuxboot_dma.bin",
+    ] {
+        let path = Path::new("/usr/share/qemu").join(rom);
+        image = image.file(&format!("usr/share/qemu/{rom}"), &path, 0o644);
+    }
+    let out = image.run();
+    let series = |who: &str, key: &str| -> Vec<f64> {
+        (1..=runs)
+            .map(|i| {
+                out.get(&format!("{who}.{i}.{key}"))
+                    .parse::<f64>()
+                    .unwrap_or_else(|_| panic!("{who} run {i}: bad {key}\n{}", out.console))
+            })
+            .collect()
+    };
+    let mut row = Vec::new();
+    for who in ["ours", "qemu"] {
+        let boot = series(who, "boot_ms");
+        let anon = series(who, "rss_anon_kb");
+        let file = series(who, "rss_file_kb");
+        let rss: Vec<f64> = anon.iter().zip(&file).map(|(a, f)| a + f).collect();
+        println!("{who}: boot_ms {boot:?}; rss anon+file KiB {rss:?}");
+        row.push((median(boot), median(rss), median(anon), median(file)));
+    }
+    let ((ob, or, oa, of), (qb, qr, qa, qf)) = (row[0], row[1]);
+    println!("node, median of {runs} (our VMM | QEMU microvm -accel kvm | ratio QEMU/ours):");
+    println!(
+        "  boot to agent ready: {ob:.0} ms | {qb:.0} ms | {:.2}x",
+        qb / ob
+    );
+    println!(
+        "  monitor RSS excl. guest RAM: {:.1} MiB (anon {:.1}, file {:.1}) | {:.1} MiB (anon {:.1}, file {:.1}) | {:.2}x",
+        or / 1024.0,
+        oa / 1024.0,
+        of / 1024.0,
+        qr / 1024.0,
+        qa / 1024.0,
+        qf / 1024.0,
+        qr / or
+    );
+    println!("  node wall time {:?}", out.elapsed);
+}
+
+/// A minimal ELF whose code writes '!' to COM1 and resets through the i8042.
+fn first_output_payload() -> Vec<u8> {
+    // mov dx, 0x3f8 ; mov al, '!' ; out dx, al ; mov al, 0xfe ; out 0x64, al ; hlt
+    let code = [
+        0x66, 0xba, 0xf8, 0x03, 0xb0, 0x21, 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4,
+    ];
+    const LOAD: u64 = 0x10_0000;
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // x86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes()); // entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    f.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    f.extend_from_slice(&0x1000u64.to_le_bytes()); // offset
+    f.extend_from_slice(&LOAD.to_le_bytes()); // vaddr
+    f.extend_from_slice(&LOAD.to_le_bytes()); // paddr
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&0x1000u64.to_le_bytes());
+    f.resize(0x1000, 0);
+    f.extend_from_slice(&code);
+    f
+}
+
+fn host_bench(runs: usize) {
+    let vmm = NodeBinaries::build().vmm;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("payload.elf");
+    std::fs::write(&kernel, first_output_payload()).expect("writing the payload");
+    let mut first = Vec::new();
+    let mut total = Vec::new();
+    for i in 0..runs {
+        let console = dir.path().join(format!("console{i}.log"));
+        let config = dir.path().join(format!("vm{i}.json"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"vcpus": 1, "mem_size_mib": 128, "kernel": "{}", "serial": {{"file": "{}"}}}}"#,
+                kernel.display(),
+                console.display()
+            ),
+        )
+        .expect("writing the config");
+        let start = Instant::now();
+        let mut child = Command::new(&vmm)
+            .arg("--config")
+            .arg(&config)
+            .spawn()
+            .expect("spawning carapace-vmm");
+        let mut seen = None;
+        let status = loop {
+            if seen.is_none() && std::fs::metadata(&console).is_ok_and(|m| m.len() > 0) {
+                seen = Some(start.elapsed());
+            }
+            if let Some(s) = child.try_wait().expect("waiting") {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("carapace-vmm did not finish");
+            }
+            std::hint::spin_loop();
+        };
+        assert!(status.success(), "carapace-vmm failed: {status}");
+        let end = start.elapsed();
+        let seen = seen.unwrap_or(end);
+        first.push(seen.as_secs_f64() * 1000.0);
+        total.push(end.as_secs_f64() * 1000.0);
+    }
+    println!(
+        "host: carapace-vmm spawn -> first guest output {:.2} ms, -> process exit {:.2} ms (median of {runs})",
+        median(first),
+        median(total)
+    );
+}
+
+fn main() {
+    let runs = std::env::var("NODE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    host_bench(20);
+    node_bench(runs);
+}

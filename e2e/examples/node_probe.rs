@@ -1,0 +1,213 @@
+//! `node_probe`: the small client the node tests run inside the nested test node (see
+//! `carapace_e2e::node`). It is built static and packed into the node's initramfs. Every
+//! result is printed as a `@@<key> <value>` line on stdout, which the node's console carries
+//! back to the test.
+//!
+//! ```text
+//! node_probe health <vsock.sock> <timeout_ms>
+//!     hybrid-vsock handshake + gRPC Health to the agent, retried until it answers
+//! node_probe api <api.sock> <json request>
+//!     one control API request to carapace-vmm, prints the reply line
+//! node_probe boot <vsock.sock> <timeout_ms> <program> [args...]
+//!     spawns the monitor, times spawn -> first Health answer, reads the monitor's resident
+//!     memory (anonymous + file; guest RAM is shared memory and counted apart), then stops
+//!     it with SIGTERM
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use carapace::agent_client::AgentClient;
+
+fn usage() -> ExitCode {
+    eprintln!("usage: node_probe health <uds> <timeout_ms> | api <socket> <json> | boot <uds> <timeout_ms> <program> [args...]");
+    ExitCode::from(2)
+}
+
+fn result(key: &str, value: impl std::fmt::Display) {
+    println!("@@{key} {value}");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Calls Health until it answers; prints `@@health ok ...` or `@@health error ...`.
+fn health(uds: &Path, timeout: Duration) -> bool {
+    let start = Instant::now();
+    // One runtime for both calls: the channel's connection task lives on it.
+    let rt = runtime();
+    match rt.block_on(AgentClient::wait_ready(uds, timeout)) {
+        Ok((mut client, first)) => {
+            // A second call on the same connection: the stream stays usable.
+            let again = rt.block_on(client.health());
+            result(
+                "health",
+                format!(
+                    "ok version={} uptime_ms={} waited_ms={} second_call={}",
+                    first.agent_version,
+                    first.uptime_ms,
+                    start.elapsed().as_millis(),
+                    again.is_ok()
+                ),
+            );
+            true
+        }
+        Err(e) => {
+            result("health", format!("error {e}"));
+            false
+        }
+    }
+}
+
+/// Sends one control API request and prints the reply.
+fn api(socket: &Path, request: &str) -> bool {
+    let reply = (|| -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(request.as_bytes())?;
+        stream.write_all(b"\n")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(line.trim_end().to_owned())
+    })();
+    match reply {
+        Ok(line) => {
+            result("api", line);
+            true
+        }
+        Err(e) => {
+            result("api", format!("error {e}"));
+            false
+        }
+    }
+}
+
+/// Hybrid-vsock handshake by hand, then an HTTP/2 preface and an empty SETTINGS frame;
+/// prints what comes back within `wait` (an HTTP/2 server answers with its own SETTINGS).
+fn raw(uds: &Path, port: u32, wait: Duration) -> bool {
+    let run = || -> std::io::Result<(String, Vec<u8>)> {
+        let mut stream = UnixStream::connect(uds)?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < 32 {
+            std::io::Read::read_exact(&mut stream, &mut byte)?;
+            if byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")?;
+        stream.set_read_timeout(Some(wait))?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stream, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok((String::from_utf8_lossy(&line).into_owned(), got))
+    };
+    match run() {
+        Ok((line, got)) => {
+            let hex: String = got.iter().take(64).map(|b| format!("{b:02x}")).collect();
+            result("raw", format!("reply={line:?} got={} hex={hex}", got.len()));
+            !got.is_empty()
+        }
+        Err(e) => {
+            result("raw", format!("error {e}"));
+            false
+        }
+    }
+}
+
+/// `VmRSS`-style fields of `/proc/<pid>/status`, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Spawns the monitor, times it to the agent's first answer, measures it, stops it.
+fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
+    let start = Instant::now();
+    let mut child = match Command::new(program).args(args).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            result("boot", format!("error cannot spawn {program}: {e}"));
+            return false;
+        }
+    };
+    let ready = runtime().block_on(AgentClient::wait_ready(uds, timeout));
+    let elapsed = start.elapsed();
+    let pid = child.id();
+    let ok = match ready {
+        Ok(_) => {
+            result("boot_ms", elapsed.as_millis());
+            for (key, field) in [
+                ("rss_anon_kb", "RssAnon"),
+                ("rss_file_kb", "RssFile"),
+                ("rss_shmem_kb", "RssShmem"),
+                ("vm_hwm_kb", "VmHWM"),
+            ] {
+                result(key, status_kib(pid, field));
+            }
+            true
+        }
+        Err(e) => {
+            result("boot", format!("error {e}"));
+            false
+        }
+    };
+    // Our own child, not yet waited for: the pid cannot have been reused.
+    if let Err(e) = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+    {
+        result("kill", format!("error {e}"));
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    result(
+        "exit",
+        status.map_or_else(|e| format!("error {e}"), |s| s.to_string()),
+    );
+    ok
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ms = |s: &String| s.parse::<u64>().ok().map(Duration::from_millis);
+    let ok = match args.as_slice() {
+        [cmd, uds, timeout] if cmd == "health" => match ms(timeout) {
+            Some(t) => health(Path::new(uds), t),
+            None => return usage(),
+        },
+        [cmd, socket, request] if cmd == "api" => api(Path::new(socket), request),
+        [cmd, uds, port, wait] if cmd == "raw" => match (port.parse(), ms(wait)) {
+            (Ok(p), Some(w)) => raw(Path::new(uds), p, w),
+            _ => return usage(),
+        },
+        [cmd, uds, timeout, program, rest @ ..] if cmd == "boot" => match ms(timeout) {
+            Some(t) => boot(Path::new(uds), t, program, rest),
+            None => return usage(),
+        },
+        _ => return usage(),
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
