@@ -6,9 +6,7 @@
 //! filesystems use stay (held by their leases) until the containers' root
 //! filesystems are torn down.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
 
 use base64::Engine as _;
 use k8s_cri::v1::image_service_server::ImageService;
@@ -20,51 +18,12 @@ use k8s_cri::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::{rpc, CriError};
 use crate::image::pull::{Credentials, PullError, Puller};
 use crate::image::reference::ImageRef;
 use crate::image::store::{ImageRecord, ImageStore, StoreError};
 
-/// Errors of ImageService calls, each with its gRPC code.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageServiceError {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Unauthenticated(String),
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    DataLoss(String),
-    #[error("{0} is not supported by carapace yet")]
-    Unimplemented(&'static str),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<ImageServiceError> for Status {
-    fn from(e: ImageServiceError) -> Self {
-        let m = e.to_string();
-        match e {
-            ImageServiceError::InvalidArgument(_) => Status::invalid_argument(m),
-            ImageServiceError::NotFound(_) => Status::not_found(m),
-            ImageServiceError::Unauthenticated(_) => Status::unauthenticated(m),
-            ImageServiceError::PermissionDenied(_) => Status::permission_denied(m),
-            ImageServiceError::Unavailable(_) => Status::unavailable(m),
-            ImageServiceError::FailedPrecondition(_) => Status::failed_precondition(m),
-            ImageServiceError::DataLoss(_) => Status::data_loss(m),
-            ImageServiceError::Unimplemented(_) => Status::unimplemented(m),
-            ImageServiceError::Internal(_) => Status::internal(m),
-        }
-    }
-}
-
-impl From<PullError> for ImageServiceError {
+impl From<PullError> for CriError {
     fn from(e: PullError) -> Self {
         match e {
             PullError::NotFound(m) => Self::NotFound(m),
@@ -78,36 +37,11 @@ impl From<PullError> for ImageServiceError {
     }
 }
 
-impl From<StoreError> for ImageServiceError {
+impl From<StoreError> for CriError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(_) => Self::NotFound(e.to_string()),
             other => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-/// Runs one ImageService call: logs it and maps its error to a gRPC status.
-async fn rpc<T>(
-    method: &'static str,
-    call: impl Future<Output = Result<T, ImageServiceError>>,
-) -> Result<Response<T>, Status> {
-    let start = Instant::now();
-    let result = call.await;
-    let elapsed_ms = start.elapsed().as_secs_f64() * 1000.0;
-    match result {
-        Ok(reply) => {
-            tracing::debug!(method, elapsed_ms, "ok");
-            Ok(Response::new(reply))
-        }
-        Err(e) => {
-            match &e {
-                ImageServiceError::NotFound(_) | ImageServiceError::Unimplemented(_) => {
-                    tracing::debug!(method, elapsed_ms, "{e}")
-                }
-                _ => tracing::error!(method, elapsed_ms, "{e}"),
-            }
-            Err(e.into())
         }
     }
 }
@@ -127,10 +61,9 @@ impl CriImageService {
         self.puller.store()
     }
 
-    async fn pull(&self, req: PullImageRequest) -> Result<PullImageResponse, ImageServiceError> {
+    async fn pull(&self, req: PullImageRequest) -> Result<PullImageResponse, CriError> {
         let spec = image_name(req.image.as_ref())?;
-        let image =
-            ImageRef::parse(spec).map_err(|e| ImageServiceError::InvalidArgument(e.to_string()))?;
+        let image = ImageRef::parse(spec).map_err(|e| CriError::InvalidArgument(e.to_string()))?;
         let creds = credentials(req.auth.as_ref())?;
         let rec = self.puller.pull(&image, &creds).await?;
         Ok(PullImageResponse {
@@ -156,7 +89,7 @@ impl CriImageService {
         ListImagesResponse { images }
     }
 
-    fn status(&self, req: ImageStatusRequest) -> Result<ImageStatusResponse, ImageServiceError> {
+    fn status(&self, req: ImageStatusRequest) -> Result<ImageStatusResponse, CriError> {
         let spec = image_name(req.image.as_ref())?;
         let Some(rec) = self.store().get(spec) else {
             return Ok(ImageStatusResponse::default());
@@ -177,10 +110,7 @@ impl CriImageService {
         })
     }
 
-    async fn remove(
-        &self,
-        req: RemoveImageRequest,
-    ) -> Result<RemoveImageResponse, ImageServiceError> {
+    async fn remove(&self, req: RemoveImageRequest) -> Result<RemoveImageResponse, CriError> {
         let spec = image_name(req.image.as_ref())?;
         if let Some(rec) = self.store().remove(spec).await? {
             tracing::info!(image = %spec, id = %rec.id, "removed image");
@@ -188,7 +118,7 @@ impl CriImageService {
         Ok(RemoveImageResponse {})
     }
 
-    async fn fs_info(&self) -> Result<ImageFsInfoResponse, ImageServiceError> {
+    async fn fs_info(&self) -> Result<ImageFsInfoResponse, CriError> {
         let u = self.store().usage().await?;
         Ok(ImageFsInfoResponse {
             image_filesystems: vec![FilesystemUsage {
@@ -204,10 +134,10 @@ impl CriImageService {
     }
 }
 
-fn image_name(spec: Option<&ImageSpec>) -> Result<&str, ImageServiceError> {
+fn image_name(spec: Option<&ImageSpec>) -> Result<&str, CriError> {
     match spec.map(|s| s.image.trim()) {
         Some(s) if !s.is_empty() => Ok(s),
-        _ => Err(ImageServiceError::InvalidArgument(
+        _ => Err(CriError::InvalidArgument(
             "image spec is empty: name an image".into(),
         )),
     }
@@ -245,7 +175,7 @@ fn to_cri(rec: &ImageRecord) -> Image {
 
 /// Credentials from the CRI AuthConfig: username/password, `auth`
 /// (base64 `user:password`), or a registry token.
-pub fn credentials(auth: Option<&AuthConfig>) -> Result<Credentials, ImageServiceError> {
+pub fn credentials(auth: Option<&AuthConfig>) -> Result<Credentials, CriError> {
     let Some(a) = auth else {
         return Ok(Credentials::Anonymous);
     };
@@ -257,9 +187,7 @@ pub fn credentials(auth: Option<&AuthConfig>) -> Result<Credentials, ImageServic
     }
     if !a.auth.is_empty() {
         let bad = || {
-            ImageServiceError::InvalidArgument(
-                "auth config: `auth` is not base64 of user:password".into(),
-            )
+            CriError::InvalidArgument("auth config: `auth` is not base64 of user:password".into())
         };
         let raw = base64::engine::general_purpose::STANDARD
             .decode(a.auth.trim())
@@ -275,7 +203,7 @@ pub fn credentials(auth: Option<&AuthConfig>) -> Result<Credentials, ImageServic
         return Ok(Credentials::RegistryToken(a.registry_token.clone()));
     }
     if !a.identity_token.is_empty() {
-        return Err(ImageServiceError::Unimplemented(
+        return Err(CriError::Unimplemented(
             "registry identity tokens (OAuth2 refresh tokens); use username/password or a registry token",
         ));
     }
@@ -350,7 +278,7 @@ mod tests {
         );
         assert!(matches!(
             a(|c| c.auth = "%%%".into()),
-            Err(ImageServiceError::InvalidArgument(_))
+            Err(CriError::InvalidArgument(_))
         ));
         assert_eq!(
             a(|c| c.registry_token = "t".into()).unwrap(),
@@ -358,9 +286,9 @@ mod tests {
         );
         assert!(matches!(
             a(|c| c.identity_token = "t".into()),
-            Err(ImageServiceError::Unimplemented(_))
+            Err(CriError::Unimplemented(_))
         ));
-        let s: Status = ImageServiceError::Unimplemented("x").into();
+        let s: Status = CriError::Unimplemented("x").into();
         assert_eq!(s.code(), tonic::Code::Unimplemented);
     }
 }

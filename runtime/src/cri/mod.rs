@@ -36,6 +36,13 @@ pub enum CriError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Content that failed verification (a digest mismatch, a corrupt layer).
+    #[error("{0}")]
+    DataLoss(String),
     #[error("{0} is not supported by carapace yet")]
     Unimplemented(&'static str),
     #[error("{0}")]
@@ -52,6 +59,9 @@ impl From<CriError> for Status {
             CriError::NotFound(_) => Status::not_found(message),
             CriError::AlreadyExists(_) => Status::already_exists(message),
             CriError::FailedPrecondition(_) => Status::failed_precondition(message),
+            CriError::Unauthenticated(_) => Status::unauthenticated(message),
+            CriError::PermissionDenied(_) => Status::permission_denied(message),
+            CriError::DataLoss(_) => Status::data_loss(message),
             CriError::Unimplemented(_) => Status::unimplemented(message),
             CriError::Unavailable(_) => Status::unavailable(message),
             CriError::Internal(_) => Status::internal(message),
