@@ -2,71 +2,20 @@
 //! nothing a peer sends (garbage, truncated HTTP/2, oversized frames, abrupt
 //! disconnects) makes it panic or stop serving.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use carapace_agent_api::v1::agent_client::AgentClient;
+use std::path::Path;
+use std::time::Duration;
+
 use carapace_agent_api::v1::HealthRequest;
-use hyper_util::rt::TokioIo;
+use common::Agent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tonic::transport::Endpoint;
 
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_carapace-agent"))
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // The socket file appears at bind(), a moment before listen().
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "agent does not accept connections"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Agent {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    fn assert_alive(&mut self) {
-        assert!(self.child.try_wait().unwrap().is_none(), "the agent exited");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn health(socket: &Path) -> carapace_agent_api::v1::HealthResponse {
-    let socket = socket.to_owned();
-    let channel = Endpoint::from_static("http://agent")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
-        }))
+async fn health(agent: &Agent) -> carapace_agent_api::v1::HealthResponse {
+    agent
+        .client()
         .await
-        .unwrap();
-    AgentClient::new(channel)
         .health(HealthRequest {
             api_version: carapace_agent_api::API_VERSION,
         })
@@ -85,8 +34,8 @@ async fn poke(socket: &Path, bytes: &[u8]) {
 
 #[tokio::test]
 async fn health_reports_version_and_api_range() {
-    let agent = Agent::start();
-    let h = health(&agent.socket).await;
+    let agent = Agent::spawn();
+    let h = health(&agent).await;
     assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(h.api_version, carapace_agent_api::API_VERSION);
     assert_eq!(h.min_api_version, carapace_agent_api::MIN_API_VERSION);
@@ -95,7 +44,7 @@ async fn health_reports_version_and_api_range() {
 
 #[tokio::test]
 async fn hostile_peers_do_not_stop_the_agent() {
-    let mut agent = Agent::start();
+    let mut agent = Agent::spawn();
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut oversized_frame = PREFACE.to_vec();
     // A DATA frame header announcing 16 MiB on stream 1, then silence.
@@ -129,7 +78,7 @@ async fn hostile_peers_do_not_stop_the_agent() {
     }
     drop(open);
 
-    let h = health(&agent.socket).await;
+    let h = health(&agent).await;
     assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
     agent.assert_alive();
 }

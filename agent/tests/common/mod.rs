@@ -23,11 +23,17 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts the agent for tests that create containers (root only).
     pub fn start() -> Agent {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the container tests create namespaces and mounts: run them as root"
         );
+        Self::spawn()
+    }
+
+    /// Starts the agent; needs no privileges until a container is created.
+    pub fn spawn() -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_carapace-agent"))
@@ -68,6 +74,10 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    pub fn assert_alive(&mut self) {
+        assert!(self.child.try_wait().unwrap().is_none(), "the agent exited");
     }
 }
 
