@@ -1,11 +1,14 @@
 //! A process's stdio as the agent holds it: pipes (stdin, stdout, stderr)
-//! or one pseudo-terminal, pumped into a bounded buffer that the runtime
-//! drains with ReadOutput.
+//! or one pseudo-terminal, pumped into a buffer bounded in bytes that the
+//! runtime drains with ReadOutput.
 //!
 //! Output is never dropped: a pump reads its pipe until end of file (every
-//! writer gone, including children the process left behind) and blocks when
-//! the buffer is full, which in turn blocks the writer. So the last bytes a
-//! process writes before it exits are in the pipe, and reach the reader.
+//! writer gone, including children the process left behind) and waits when
+//! the buffer is full, which in turn blocks the writer, as a full pipe
+//! would. So the last bytes a process writes before it exits are in the
+//! pipe, and reach the reader. The bound is in bytes, not in reads, so how
+//! much a process can write ahead of its reader does not depend on how the
+//! scheduler happened to split its writes.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -14,10 +17,11 @@ use std::sync::Arc;
 use carapace_agent_api::v1::{OutputChunk, OutputStream};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, Semaphore};
 
-/// How many chunks may wait for a reader (each up to [`CHUNK`] bytes).
-const BUFFERED_CHUNKS: usize = 64;
+/// How many bytes of output may wait for a reader, per process.
+pub const OUTPUT_BUFFER_BYTES: usize = 2 * 1024 * 1024;
+/// The most one read of a pump takes from its fd.
 const CHUNK: usize = 32 * 1024;
 /// End of transmission: what closing stdin means on a terminal.
 const EOT: u8 = 0x04;
@@ -86,8 +90,45 @@ impl ChildStdio {
 #[derive(Debug)]
 pub struct ProcessIo {
     stdin: Mutex<Option<Stdin>>,
-    output: Arc<Mutex<mpsc::Receiver<OutputChunk>>>,
+    output: Arc<Mutex<Output>>,
     terminal: Option<OwnedFd>,
+}
+
+/// The reading end of a process's output buffer.
+#[derive(Debug)]
+pub struct Output {
+    rx: mpsc::UnboundedReceiver<OutputChunk>,
+    budget: Arc<Semaphore>,
+}
+
+impl Output {
+    /// The next chunk, or `None` once every pump reached end of file and
+    /// everything was read.
+    pub async fn recv(&mut self) -> Option<OutputChunk> {
+        let chunk = self.rx.recv().await?;
+        self.budget.add_permits(chunk.data.len());
+        Some(chunk)
+    }
+}
+
+/// The writing end shared by a process's pumps: a chunk is sent only with
+/// as many bytes of budget as it holds, which the reader gives back.
+#[derive(Debug, Clone)]
+struct OutputSender {
+    tx: mpsc::UnboundedSender<OutputChunk>,
+    budget: Arc<Semaphore>,
+}
+
+fn output_buffer() -> (OutputSender, Output) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let budget = Arc::new(Semaphore::new(OUTPUT_BUFFER_BYTES));
+    (
+        OutputSender {
+            tx,
+            budget: budget.clone(),
+        },
+        Output { rx, budget },
+    )
 }
 
 #[derive(Debug)]
@@ -120,7 +161,7 @@ impl ProcessIo {
     /// `stdin` false gives the process /dev/null (ignored in terminal
     /// mode, where the terminal is its stdin).
     pub fn create(terminal: bool, stdin: bool) -> Result<(ChildStdio, ProcessIo), StdioError> {
-        let (tx, rx) = mpsc::channel(BUFFERED_CHUNKS);
+        let (tx, rx) = output_buffer();
         if terminal {
             let pty = nix::pty::openpty(None, None).map_err(create_err("a terminal"))?;
             for fd in [&pty.master, &pty.slave] {
@@ -202,7 +243,7 @@ impl ProcessIo {
     /// The output, for one reader at a time.
     pub fn take_output(
         &self,
-    ) -> Result<tokio::sync::OwnedMutexGuard<mpsc::Receiver<OutputChunk>>, StdioError> {
+    ) -> Result<tokio::sync::OwnedMutexGuard<Output>, StdioError> {
         self.output
             .clone()
             .try_lock_owned()
@@ -242,11 +283,17 @@ async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()
     Ok(())
 }
 
-/// Copies one output fd into the channel until end of file. A terminal
+/// Copies one output fd into the buffer until end of file. A terminal
 /// master reports EIO once the last slave fd closed: that is its end.
-async fn pump(fd: AsyncFd<OwnedFd>, stream: OutputStream, tx: mpsc::Sender<OutputChunk>) {
+/// Before each read the pump holds budget for a whole chunk, so it never
+/// takes from the fd what the buffer could not hold.
+async fn pump(fd: AsyncFd<OwnedFd>, stream: OutputStream, out: OutputSender) {
+    const CHUNK_PERMITS: u32 = CHUNK as u32;
     let mut buf = vec![0u8; CHUNK];
     loop {
+        let Ok(permit) = out.budget.acquire_many(CHUNK_PERMITS).await else {
+            return;
+        };
         let mut guard = match fd.readable().await {
             Ok(g) => g,
             Err(_) => return,
@@ -260,11 +307,14 @@ async fn pump(fd: AsyncFd<OwnedFd>, stream: OutputStream, tx: mpsc::Sender<Outpu
             Ok(Err(_)) => return,
             Err(_would_block) => continue,
         };
+        // Keep the budget of the bytes sent; the reader gives it back.
+        permit.forget();
+        out.budget.add_permits(CHUNK - n);
         let chunk = OutputChunk {
             stream: stream as i32,
             data: buf[..n].to_vec(),
         };
-        if tx.send(chunk).await.is_err() {
+        if out.tx.send(chunk).is_err() {
             return;
         }
     }

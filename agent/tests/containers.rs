@@ -436,7 +436,8 @@ async fn output_of_fast_exiting_processes_is_complete() {
     let agent = Agent::start();
     let mut c = agent.client().await;
     let rootfs = busybox_rootfs(agent.dir.path());
-    // 1 MB written right before exit, and read only after the exit.
+    // 1 MB written right before exit, and read only after the exit (the
+    // agent buffers up to 2 MiB per process).
     let script = "dd if=/dev/zero bs=1000 count=1000 2>/dev/null | tr '\\0' x; echo -n END";
     let id = "fast";
     c.create_container(create_req(id, &spec(&rootfs, &["sh", "-c", script])))
@@ -453,6 +454,18 @@ async fn output_of_fast_exiting_processes_is_complete() {
     assert_eq!(out.stdout.len(), 1_000_003);
     assert!(out.stdout.ends_with(b"xEND"));
     delete(&mut c, id).await;
+    // More than the agent buffers: the writer waits for the reader, and
+    // nothing is lost.
+    let script = "dd if=/dev/zero bs=1000 count=5000 2>/dev/null | tr '\\0' y; echo -n END";
+    let (out, status) = run(
+        &mut c,
+        create_req("big", &spec(&rootfs, &["sh", "-c", script])),
+    )
+    .await;
+    assert_eq!(status.exit_code, 0);
+    assert_eq!(out.stdout.len(), 5_000_003);
+    assert!(out.stdout.ends_with(b"yEND"));
+    delete(&mut c, "big").await;
     // Many tiny processes: the last line always arrives.
     for i in 0..10 {
         let id = format!("tiny{i}");
