@@ -109,6 +109,7 @@ impl TestVm {
             mem_mib: options.mem_mib,
             extra_cmdline: options.extra_cmdline,
             run_dir: run_dir.path().to_owned(),
+            shared_dir: None,
         };
         let vm = driver.start(&spec).await.expect("starting the VM");
         let started = vm.started_at();

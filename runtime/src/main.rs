@@ -159,6 +159,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         mem_mib: 256,
         extra_cmdline: String::new(),
         run_dir: run_dir.path().to_owned(),
+        shared_dir: None,
     };
     let vm = driver.start(&spec).await?;
     let started = vm.started_at();

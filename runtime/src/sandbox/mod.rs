@@ -206,6 +206,7 @@ impl Sandboxes {
             mem_mib: new.size.mem_mib,
             extra_cmdline: String::new(),
             run_dir: run_dir.clone(),
+            shared_dir: None,
         };
         let cleanup = |run_dir: &Path| {
             let _ = std::fs::remove_dir_all(run_dir);

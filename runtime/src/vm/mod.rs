@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 /// rather than hang; `quiet` keeps the serial console (slow under TCG) short.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
 
+/// The virtio-fs tag of the pod's shared directory.
+pub const SHARED_FS_TAG: &str = "carapace";
+
 /// What to boot: the same for every driver.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -27,6 +30,9 @@ pub struct VmSpec {
     pub extra_cmdline: String,
     /// A directory private to this VM: sockets and the console log go here.
     pub run_dir: PathBuf,
+    /// A host directory shared with the guest over virtio-fs under the tag
+    /// [`SHARED_FS_TAG`] (the pod's root filesystems and volumes).
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl VmSpec {

@@ -360,6 +360,7 @@ mod tests {
             mem_mib: 128,
             extra_cmdline: String::new(),
             run_dir: dir.to_owned(),
+            shared_dir: None,
         }
     }
 
