@@ -175,9 +175,10 @@ impl Agent for AgentService {
     ) -> Result<Response<WaitProcessResponse>, Status> {
         let process = process_ref(request.into_inner().process)?;
         let p = self.containers.process(&process).map_err(status)?;
-        Ok(Response::new(WaitProcessResponse {
-            status: Some(p.wait().await),
-        }))
+        let exit = p.wait().await;
+        p.waited.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.containers.forget_exec_if_done(&process, &p);
+        Ok(Response::new(WaitProcessResponse { status: Some(exit) }))
     }
 
     async fn delete_container(
@@ -214,9 +215,18 @@ impl Agent for AgentService {
         let process = process_ref(request.into_inner().process)?;
         let p = self.containers.process(&process).map_err(status)?;
         let output = p.io.take_output().map_err(|e| status(e.into()))?;
-        let stream = futures_util::stream::unfold(output, |mut rx| async move {
-            let chunk = rx.recv().await?;
-            Some((Ok(chunk), rx))
+        let containers = self.containers.clone();
+        let state = (output, containers, process, p);
+        let stream = futures_util::stream::unfold(state, |mut state| async move {
+            let (rx, containers, process, p) = &mut state;
+            match rx.recv().await {
+                Some(chunk) => Some((Ok(chunk), state)),
+                None => {
+                    p.drained.store(true, std::sync::atomic::Ordering::SeqCst);
+                    containers.forget_exec_if_done(process, p);
+                    None
+                }
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -602,17 +602,29 @@ async fn exec_runs_inside_the_container() {
     let out = read_all(&mut c, "srv", "e1").await;
     assert_eq!(out.stdout(), "sleep 1000 \nbox\n", "{}", out.stderr());
     assert_eq!(status.exit_code, 5);
-    // Same exec id again: refused.
+    // Waited and read: the agent forgot it.
     let err = c
-        .exec_process(ExecProcessRequest {
-            container_id: "srv".into(),
-            exec_id: "e1".into(),
-            oci_process_json: process.to_string(),
-            ..Default::default()
+        .wait_process(WaitProcessRequest {
+            process: pref("srv", "e1"),
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    // A live exec's id cannot be used twice.
+    let long = json!({
+        "user": {"uid": 0, "gid": 0}, "args": ["sleep", "1000"], "env": [], "cwd": "/"
+    });
+    for expected in [None, Some(tonic::Code::AlreadyExists)] {
+        let got = c
+            .exec_process(ExecProcessRequest {
+                container_id: "srv".into(),
+                exec_id: "long".into(),
+                oci_process_json: long.to_string(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(got.err().map(|e| e.code()), expected);
+    }
     // An exec whose process names no capabilities gets the container's,
     // not the agent's full set.
     let caps = json!({

@@ -88,9 +88,23 @@ pub struct Process {
     pub pid: i32,
     pub io: ProcessIo,
     exit: watch::Receiver<Option<ExitStatus>>,
+    /// Its exit status was delivered by WaitProcess.
+    pub waited: std::sync::atomic::AtomicBool,
+    /// Its output was read to the end.
+    pub drained: std::sync::atomic::AtomicBool,
 }
 
 impl Process {
+    fn new(pid: i32, io: ProcessIo, exit: watch::Receiver<Option<ExitStatus>>) -> Self {
+        Self {
+            pid,
+            io,
+            exit,
+            waited: Default::default(),
+            drained: Default::default(),
+        }
+    }
+
     pub fn exited(&self) -> Option<ExitStatus> {
         self.exit.borrow().clone()
     }
@@ -237,6 +251,19 @@ impl Manager {
             container_id: r.container_id.clone(),
             exec_id: r.exec_id.clone(),
         })
+    }
+
+    /// Forgets an exec once its exit status was delivered and its output
+    /// read to the end (in either order), so that the execs run for probes
+    /// do not accumulate for the container's lifetime.
+    pub fn forget_exec_if_done(&self, r: &ProcessRef, p: &Process) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if r.exec_id.is_empty() || !(p.waited.load(SeqCst) && p.drained.load(SeqCst)) {
+            return;
+        }
+        if let Ok(c) = self.container(&r.container_id) {
+            lock(&c.execs).remove(&r.exec_id);
+        }
     }
 
     /// Publishes the exit status of a process when the reaper reports it.
@@ -522,7 +549,7 @@ impl Manager {
             },
         );
         let container = Container {
-            init: Arc::new(Process { pid, io, exit }),
+            init: Arc::new(Process::new(pid, io, exit)),
             pending: tokio::sync::Mutex::new(Some(pending)),
             execs: Mutex::default(),
             cgroup,
@@ -664,7 +691,7 @@ impl Manager {
                 exec_id: exec_id.to_owned(),
             },
         );
-        lock(&c.execs).insert(exec_id.to_owned(), Arc::new(Process { pid, io, exit }));
+        lock(&c.execs).insert(exec_id.to_owned(), Arc::new(Process::new(pid, io, exit)));
         if let Err(source) = pending.start().await {
             lock(&c.execs).remove(exec_id);
             return Err(ContainerError::Start { what, source });
