@@ -34,11 +34,12 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\nrun_dir = {:?}\nlog_level = \"info,carapace=debug\"\n\
+                "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\ncontainers_dir = {:?}\nrun_dir = {:?}\nlog_level = \"info,carapace=debug\"\n\
                  [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n",
                 socket,
                 dir.path().join("state"),
                 dir.path().join("images"),
+                dir.path().join("containers"),
                 dir.path().join("run"),
                 artifacts.kernel,
                 artifacts.initrd,

@@ -184,6 +184,12 @@ impl AgentClient {
     pub fn grpc(&mut self) -> &mut GrpcClient<Channel> {
         &mut self.grpc
     }
+
+    /// A handle of the generated client for one call (a cheap clone: calls
+    /// share the one HTTP/2 connection to the agent).
+    pub fn rpc(&self) -> GrpcClient<Channel> {
+        self.grpc.clone()
+    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Image content store and unpacked layers.
     pub image_dir: PathBuf,
+    /// Containers' writable layers (overlay upper and work dirs).
+    pub containers_dir: PathBuf,
     /// Per-VM runtime directories (sockets, console logs).
     pub run_dir: PathBuf,
     /// Log filter (`error`, `warn`, `info`, `debug`, or a tracing filter).
@@ -88,6 +90,7 @@ impl Default for Config {
             socket: "/run/carapace/carapace.sock".into(),
             state_dir: "/var/lib/carapace/state".into(),
             image_dir: "/var/lib/carapace/images".into(),
+            containers_dir: "/var/lib/carapace/containers".into(),
             run_dir: "/run/carapace/vms".into(),
             log_level: "info".into(),
             vm: VmConfig::default(),

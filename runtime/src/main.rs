@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use std::sync::Arc;
 
 use carapace::config::{Config, DriverChoice};
+use carapace::container::Containers;
 use carapace::cri::{self, CriService};
 use carapace::host::KvmKind;
 use carapace::image::pull::Puller;
@@ -112,12 +113,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for warning in store.load_warnings() {
         tracing::error!("image store: {warning}");
     }
-    let puller = Arc::new(Puller::new(store, config.registry.clone()));
+    let puller = Arc::new(Puller::new(store.clone(), config.registry.clone()));
     let images = CriImageService::new(puller);
-    let sandboxes = Sandboxes::load(config.clone(), driver)?;
-    let service = CriService {
-        sandboxes: Arc::new(sandboxes),
-    };
+    let sandboxes = Arc::new(Sandboxes::load(config.clone(), driver)?);
+    let containers = Containers::load(config.clone(), sandboxes.clone(), store)?;
+    let service = CriService::new(sandboxes, containers);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing the SIGTERM handler");

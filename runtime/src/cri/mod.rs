@@ -2,11 +2,14 @@
 //! socket. One file per RPC family, one wrapper ([`rpc`]) around every call
 //! for logging and the mapping of errors to gRPC status codes.
 
+mod container;
+mod events;
 pub mod image_service;
 mod runtime_service;
 mod sandbox_list;
 mod sandbox_run;
 mod sandbox_status;
+mod stats;
 mod version;
 
 use std::future::Future;
@@ -48,6 +51,8 @@ pub enum CriError {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -64,6 +69,7 @@ impl From<CriError> for Status {
             CriError::DataLoss(_) => Status::data_loss(message),
             CriError::Unimplemented(_) => Status::unimplemented(message),
             CriError::Unavailable(_) => Status::unavailable(message),
+            CriError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             CriError::Internal(_) => Status::internal(message),
         }
     }
@@ -111,9 +117,22 @@ pub async fn rpc<T>(
     }
 }
 
-/// The state every CRI call works on.
+/// The state every CRI call works on (cheap to clone: all shared).
+#[derive(Clone)]
 pub struct CriService {
     pub sandboxes: Arc<Sandboxes>,
+    pub containers: Arc<crate::container::Containers>,
+    pub cpu_samples: Arc<stats::CpuSamples>,
+}
+
+impl CriService {
+    pub fn new(sandboxes: Arc<Sandboxes>, containers: Arc<crate::container::Containers>) -> Self {
+        Self {
+            sandboxes,
+            containers,
+            cpu_samples: Default::default(),
+        }
+    }
 }
 
 /// Serves CRI on `socket` until `shutdown` completes.

@@ -1,21 +1,20 @@
 //! The RuntimeService trait: each call delegates to its own module through
-//! the [`rpc`] wrapper. Calls not implemented yet answer `Unimplemented`
+//! the [`rpc`] wrapper. Calls not implemented yet (streaming, checkpoints,
+//! metrics, runtime config updates) answer `Unimplemented`
 //! with the call's name.
-
-use std::pin::Pin;
 
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use k8s_cri::v1::{
     AttachRequest, AttachResponse, CheckpointContainerRequest, CheckpointContainerResponse,
-    ContainerEventResponse, ContainerStatsRequest, ContainerStatsResponse, ContainerStatusRequest,
-    ContainerStatusResponse, CreateContainerRequest, CreateContainerResponse, ExecRequest,
-    ExecResponse, ExecSyncRequest, ExecSyncResponse, GetEventsRequest, ListContainerStatsRequest,
-    ListContainerStatsResponse, ListContainersRequest, ListContainersResponse,
-    ListMetricDescriptorsRequest, ListMetricDescriptorsResponse, ListPodSandboxMetricsRequest,
-    ListPodSandboxMetricsResponse, ListPodSandboxRequest, ListPodSandboxResponse,
-    ListPodSandboxStatsRequest, ListPodSandboxStatsResponse, PodSandboxStatsRequest,
-    PodSandboxStatsResponse, PodSandboxStatusRequest, PodSandboxStatusResponse, PortForwardRequest,
-    PortForwardResponse, RemoveContainerRequest, RemoveContainerResponse, RemovePodSandboxRequest,
+    ContainerStatsRequest, ContainerStatsResponse, ContainerStatusRequest, ContainerStatusResponse,
+    CreateContainerRequest, CreateContainerResponse, ExecRequest, ExecResponse, ExecSyncRequest,
+    ExecSyncResponse, GetEventsRequest, ListContainerStatsRequest, ListContainerStatsResponse,
+    ListContainersRequest, ListContainersResponse, ListMetricDescriptorsRequest,
+    ListMetricDescriptorsResponse, ListPodSandboxMetricsRequest, ListPodSandboxMetricsResponse,
+    ListPodSandboxRequest, ListPodSandboxResponse, ListPodSandboxStatsRequest,
+    ListPodSandboxStatsResponse, PodSandboxStatsRequest, PodSandboxStatsResponse,
+    PodSandboxStatusRequest, PodSandboxStatusResponse, PortForwardRequest, PortForwardResponse,
+    RemoveContainerRequest, RemoveContainerResponse, RemovePodSandboxRequest,
     RemovePodSandboxResponse, ReopenContainerLogRequest, ReopenContainerLogResponse,
     RunPodSandboxRequest, RunPodSandboxResponse, RuntimeConfigRequest, RuntimeConfigResponse,
     StartContainerRequest, StartContainerResponse, StatusRequest, StatusResponse,
@@ -23,15 +22,13 @@ use k8s_cri::v1::{
     UpdateContainerResourcesRequest, UpdateContainerResourcesResponse, UpdateRuntimeConfigRequest,
     UpdateRuntimeConfigResponse, VersionRequest, VersionResponse,
 };
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{rpc, CriError, CriService};
 
 #[tonic::async_trait]
 impl RuntimeService for CriService {
-    type GetContainerEventsStream =
-        Pin<Box<dyn Stream<Item = Result<ContainerEventResponse, Status>> + Send + 'static>>;
+    type GetContainerEventsStream = super::events::EventStream;
 
     async fn version(
         &self,
@@ -96,91 +93,110 @@ impl RuntimeService for CriService {
 
     async fn create_container(
         &self,
-        _request: Request<CreateContainerRequest>,
+        request: Request<CreateContainerRequest>,
     ) -> Result<Response<CreateContainerResponse>, Status> {
         rpc("CreateContainer", async {
-            Err(CriError::Unimplemented("CreateContainer"))
+            let pod_sandbox_id = self.create_container(request.into_inner()).await?;
+            Ok(CreateContainerResponse {
+                container_id: pod_sandbox_id,
+            })
         })
         .await
     }
 
     async fn start_container(
         &self,
-        _request: Request<StartContainerRequest>,
+        request: Request<StartContainerRequest>,
     ) -> Result<Response<StartContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
         rpc("StartContainer", async {
-            Err(CriError::Unimplemented("StartContainer"))
+            self.start_container(&id).await?;
+            Ok(StartContainerResponse {})
         })
         .await
     }
 
     async fn stop_container(
         &self,
-        _request: Request<StopContainerRequest>,
+        request: Request<StopContainerRequest>,
     ) -> Result<Response<StopContainerResponse>, Status> {
+        let r = request.into_inner();
         rpc("StopContainer", async {
-            Err(CriError::Unimplemented("StopContainer"))
+            self.stop_container(&r.container_id, r.timeout).await?;
+            Ok(StopContainerResponse {})
         })
         .await
     }
 
     async fn remove_container(
         &self,
-        _request: Request<RemoveContainerRequest>,
+        request: Request<RemoveContainerRequest>,
     ) -> Result<Response<RemoveContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
         rpc("RemoveContainer", async {
-            Err(CriError::Unimplemented("RemoveContainer"))
+            self.remove_container(&id).await?;
+            Ok(RemoveContainerResponse {})
         })
         .await
     }
 
     async fn list_containers(
         &self,
-        _request: Request<ListContainersRequest>,
+        request: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
-        rpc("ListContainers", async {
-            Err(CriError::Unimplemented("ListContainers"))
-        })
+        rpc(
+            "ListContainers",
+            self.list_containers(request.into_inner().filter),
+        )
         .await
     }
 
     async fn container_status(
         &self,
-        _request: Request<ContainerStatusRequest>,
+        request: Request<ContainerStatusRequest>,
     ) -> Result<Response<ContainerStatusResponse>, Status> {
-        rpc("ContainerStatus", async {
-            Err(CriError::Unimplemented("ContainerStatus"))
-        })
+        let r = request.into_inner();
+        rpc(
+            "ContainerStatus",
+            self.container_status(&r.container_id, r.verbose),
+        )
         .await
     }
 
     async fn update_container_resources(
         &self,
-        _request: Request<UpdateContainerResourcesRequest>,
+        request: Request<UpdateContainerResourcesRequest>,
     ) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
+        let r = request.into_inner();
         rpc("UpdateContainerResources", async {
-            Err(CriError::Unimplemented("UpdateContainerResources"))
+            self.update_container_resources(&r.container_id, r.linux)
+                .await?;
+            Ok(UpdateContainerResourcesResponse {})
         })
         .await
     }
 
     async fn reopen_container_log(
         &self,
-        _request: Request<ReopenContainerLogRequest>,
+        request: Request<ReopenContainerLogRequest>,
     ) -> Result<Response<ReopenContainerLogResponse>, Status> {
+        let id = request.into_inner().container_id;
         rpc("ReopenContainerLog", async {
-            Err(CriError::Unimplemented("ReopenContainerLog"))
+            self.reopen_container_log(&id).await?;
+            Ok(ReopenContainerLogResponse {})
         })
         .await
     }
 
     async fn exec_sync(
         &self,
-        _request: Request<ExecSyncRequest>,
+        request: Request<ExecSyncRequest>,
     ) -> Result<Response<ExecSyncResponse>, Status> {
-        rpc("ExecSync", async {
-            Err(CriError::Unimplemented("ExecSync"))
-        })
+        let r = request.into_inner();
+        rpc(
+            "ExecSync",
+            self.exec_sync(&r.container_id, &r.cmd, r.timeout),
+        )
         .await
     }
 
@@ -207,40 +223,52 @@ impl RuntimeService for CriService {
 
     async fn container_stats(
         &self,
-        _request: Request<ContainerStatsRequest>,
+        request: Request<ContainerStatsRequest>,
     ) -> Result<Response<ContainerStatsResponse>, Status> {
+        let id = request.into_inner().container_id;
         rpc("ContainerStats", async {
-            Err(CriError::Unimplemented("ContainerStats"))
+            Ok(ContainerStatsResponse {
+                stats: Some(self.container_stats(&id).await?),
+            })
         })
         .await
     }
 
     async fn list_container_stats(
         &self,
-        _request: Request<ListContainerStatsRequest>,
+        request: Request<ListContainerStatsRequest>,
     ) -> Result<Response<ListContainerStatsResponse>, Status> {
+        let filter = request.into_inner().filter;
         rpc("ListContainerStats", async {
-            Err(CriError::Unimplemented("ListContainerStats"))
+            Ok(ListContainerStatsResponse {
+                stats: self.list_container_stats(filter).await?,
+            })
         })
         .await
     }
 
     async fn pod_sandbox_stats(
         &self,
-        _request: Request<PodSandboxStatsRequest>,
+        request: Request<PodSandboxStatsRequest>,
     ) -> Result<Response<PodSandboxStatsResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
         rpc("PodSandboxStats", async {
-            Err(CriError::Unimplemented("PodSandboxStats"))
+            Ok(PodSandboxStatsResponse {
+                stats: Some(self.pod_sandbox_stats(&id).await?),
+            })
         })
         .await
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _request: Request<ListPodSandboxStatsRequest>,
+        request: Request<ListPodSandboxStatsRequest>,
     ) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
+        let filter = request.into_inner().filter;
         rpc("ListPodSandboxStats", async {
-            Err(CriError::Unimplemented("ListPodSandboxStats"))
+            Ok(ListPodSandboxStatsResponse {
+                stats: self.list_pod_sandbox_stats(filter).await?,
+            })
         })
         .await
     }
@@ -277,10 +305,7 @@ impl RuntimeService for CriService {
         &self,
         _request: Request<GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        rpc("GetContainerEvents", async {
-            Err::<Self::GetContainerEventsStream, _>(CriError::Unimplemented("GetContainerEvents"))
-        })
-        .await
+        rpc("GetContainerEvents", async { Ok(self.container_events()) }).await
     }
 
     async fn list_metric_descriptors(

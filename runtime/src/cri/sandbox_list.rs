@@ -82,6 +82,7 @@ mod tests {
             },
             run_dir: "/run/x".into(),
             vm: None,
+            files: Default::default(),
         }
     }
 

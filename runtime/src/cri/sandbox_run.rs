@@ -24,13 +24,17 @@ impl CriService {
         Ok(RunPodSandboxResponse { pod_sandbox_id: id })
     }
 
+    /// Kills the pod's containers that still run, then stops its VM.
     pub(super) async fn stop_pod_sandbox(&self, id: &str) -> Result<(), CriError> {
         require_id(id)?;
+        self.containers.stop_sandbox(id).await?;
         Ok(self.sandboxes.stop(id).await?)
     }
 
+    /// Removes the pod's containers, then the pod.
     pub(super) async fn remove_pod_sandbox(&self, id: &str) -> Result<(), CriError> {
         require_id(id)?;
+        self.containers.remove_sandbox(id).await?;
         Ok(self.sandboxes.remove(id).await?)
     }
 }
@@ -92,8 +96,29 @@ fn new_sandbox(
         runtime_handler,
         log_directory: config.log_directory,
         hostname: config.hostname,
+        resolv_conf: config
+            .dns_config
+            .as_ref()
+            .map(resolv_conf)
+            .unwrap_or_default(),
+        sysctls: linux.sysctls.clone().into_iter().collect(),
         size: vm_size(linux.resources.as_ref(), vm),
     })
+}
+
+/// /etc/resolv.conf for the pod's DNS config, as kubelet means it.
+fn resolv_conf(dns: &k8s_cri::v1::DnsConfig) -> String {
+    let mut out = String::new();
+    for server in &dns.servers {
+        out.push_str(&format!("nameserver {server}\n"));
+    }
+    if !dns.searches.is_empty() {
+        out.push_str(&format!("search {}\n", dns.searches.join(" ")));
+    }
+    if !dns.options.is_empty() {
+        out.push_str(&format!("options {}\n", dns.options.join(" ")));
+    }
+    out
 }
 
 /// The VM's size: the pod's limits (CRI `linux.resources`, the sum of its
@@ -149,6 +174,23 @@ mod tests {
         let err = new_sandbox(c, String::new(), &vm).unwrap_err();
         assert!(err.to_string().contains("uid"), "{err}");
         assert!(new_sandbox(config(), String::new(), &vm).is_ok());
+    }
+
+    #[test]
+    fn dns_config_becomes_resolv_conf() {
+        let dns = k8s_cri::v1::DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec![
+                "default.svc.cluster.local".into(),
+                "svc.cluster.local".into(),
+            ],
+            options: vec!["ndots:5".into()],
+        };
+        assert_eq!(
+            resolv_conf(&dns),
+            "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
+        );
+        assert_eq!(resolv_conf(&Default::default()), "");
     }
 
     #[test]

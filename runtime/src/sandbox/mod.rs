@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use record::{PodMeta, SandboxRecord, SandboxState, VmSize};
+pub use record::{PodMeta, SandboxFiles, SandboxRecord, SandboxState, VmSize};
 use tokio::sync::Mutex;
 
 use crate::agent_client::AgentClient;
@@ -60,6 +60,10 @@ pub struct NewSandbox {
     pub runtime_handler: String,
     pub log_directory: String,
     pub hostname: String,
+    /// The pod's /etc/resolv.conf (from the CRI DNSConfig); empty for none.
+    pub resolv_conf: String,
+    /// Pod-level sysctls.
+    pub sysctls: std::collections::BTreeMap<String, String>,
     pub size: VmSize,
 }
 
@@ -199,6 +203,11 @@ impl Sandboxes {
             what: format!("creating {}", run_dir.display()),
             source,
         })?;
+        let share_dir = run_dir.join("shared");
+        std::fs::create_dir_all(&share_dir).map_err(|source| SandboxError::Io {
+            what: format!("creating {}", share_dir.display()),
+            source,
+        })?;
         let spec = VmSpec {
             kernel: self.config.vm.kernel.clone(),
             initrd: self.config.vm.initrd.clone(),
@@ -206,7 +215,7 @@ impl Sandboxes {
             mem_mib: new.size.mem_mib,
             extra_cmdline: String::new(),
             run_dir: run_dir.clone(),
-            shared_dir: None,
+            shared_dir: Some(share_dir),
         };
         let cleanup = |run_dir: &Path| {
             let _ = std::fs::remove_dir_all(run_dir);
@@ -239,6 +248,14 @@ impl Sandboxes {
                 });
             }
         };
+        let files = match setup_guest(&agent, &new).await {
+            Ok(files) => files,
+            Err(reason) => {
+                vm.stop().await;
+                cleanup(&run_dir);
+                return Err(SandboxError::InvalidArgument(reason));
+            }
+        };
         let record = SandboxRecord {
             id: id.to_owned(),
             meta: new.meta,
@@ -253,6 +270,7 @@ impl Sandboxes {
             size: new.size,
             run_dir: run_dir.clone(),
             vm: Some(vm.handle.clone()),
+            files,
         };
         if let Err(e) = self.records.save(id, &record) {
             vm.stop().await;
@@ -292,6 +310,7 @@ impl Sandboxes {
         };
         self.stop(id).await?;
         let sandbox = sandbox.lock().await;
+        unmount_under(&sandbox.record.run_dir);
         if let Err(e) = std::fs::remove_dir_all(&sandbox.record.run_dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(SandboxError::Io {
@@ -371,8 +390,53 @@ impl Sandboxes {
 /// Length of the id prefix naming a VM's run directory.
 pub const RUN_DIR_NAME_LEN: usize = 16;
 
+/// Sets up the pod in the guest: hostname, DNS, the virtio-fs share,
+/// sysctls. The error is the agent's message (it validates the request).
+async fn setup_guest(agent: &AgentClient, new: &NewSandbox) -> Result<SandboxFiles, String> {
+    use carapace_agent_api::v1::{SetupSandboxRequest, SharedFilesystem};
+    let reply = agent
+        .rpc()
+        .setup_sandbox(SetupSandboxRequest {
+            hostname: new.hostname.clone(),
+            resolv_conf: new.resolv_conf.clone(),
+            hosts: String::new(),
+            shared_filesystems: vec![SharedFilesystem {
+                tag: crate::vm::SHARED_FS_TAG.into(),
+                mount_point: crate::container::GUEST_SHARE_DIR.into(),
+            }],
+            sysctls: new.sysctls.clone().into_iter().collect(),
+        })
+        .await
+        .map_err(|s| format!("setting up the pod in its VM: {}", s.message()))?
+        .into_inner();
+    Ok(SandboxFiles {
+        hostname: reply.hostname_path,
+        resolv_conf: reply.resolv_conf_path,
+        hosts: reply.hosts_path,
+    })
+}
+
+/// Unmounts whatever is still mounted under `dir` (deepest first), so that
+/// removing `dir` can never reach into a volume or an image layer.
+fn unmount_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        tracing::warn!(path = %p.display(), "unmounting a leftover mount of a removed pod");
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// A new 64-hex-digit id, as containerd's.
-fn new_id() -> Result<String, SandboxError> {
+pub fn new_id() -> Result<String, SandboxError> {
     let mut bytes = [0u8; 32];
     getrandom(&mut bytes).map_err(|source| SandboxError::Io {
         what: "reading random bytes for an id".into(),

@@ -60,4 +60,23 @@ pub struct SandboxRecord {
     pub run_dir: PathBuf,
     /// The VM's processes while it runs; `None` once stopped.
     pub vm: Option<QemuHandle>,
+    /// Guest paths of the files the agent wrote for the pod.
+    #[serde(default)]
+    pub files: SandboxFiles,
+}
+
+impl SandboxRecord {
+    /// The host directory shared with the guest over virtio-fs.
+    pub fn share_dir(&self) -> PathBuf {
+        self.run_dir.join("shared")
+    }
+}
+
+/// Guest paths of the pod's hostname, resolv.conf and hosts files (empty
+/// when the agent wrote none), as the agent's SetupSandbox answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxFiles {
+    pub hostname: String,
+    pub resolv_conf: String,
+    pub hosts: String,
 }
