@@ -24,6 +24,16 @@ pub struct Daemon {
 impl Daemon {
     /// Writes a config for private directories and starts the daemon.
     pub async fn start() -> Daemon {
+        Self::start_with(false).await
+    }
+
+    /// As [`Daemon::start`], with the busybox demo image
+    /// (`docker.io/library/busybox:latest`) in its image store.
+    pub async fn start_with_busybox() -> Daemon {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(busybox: bool) -> Daemon {
         let artifacts = GuestArtifacts::locate();
         let dir = tempfile::Builder::new()
             .prefix("carapace-daemon-")
@@ -46,6 +56,9 @@ impl Daemon {
             ),
         )
         .expect("writing the daemon config");
+        if busybox {
+            import_busybox(&dir.path().join("images")).await;
+        }
         let mut daemon = Daemon {
             child: None,
             dir,
@@ -106,6 +119,16 @@ impl Daemon {
         self.dir.path().join("state")
     }
 
+    /// Where the daemon keeps containers' writable layers.
+    pub fn containers_dir(&self) -> PathBuf {
+        self.dir.path().join("containers")
+    }
+
+    /// The daemon's private directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// A CRI RuntimeService client on the daemon's socket.
     pub async fn runtime(&self) -> RuntimeServiceClient<Channel> {
         RuntimeServiceClient::new(connect(&self.socket).await)
@@ -152,6 +175,21 @@ impl Drop for Daemon {
         // this daemon has its run directory on its command line.
         kill_processes_mentioning(&self.run_dir());
     }
+}
+
+/// Builds the demo image (as `cargo xtask busybox-image`) and imports it
+/// into the image store at `image_dir`, as the daemon will open it.
+async fn import_busybox(image_dir: &Path) {
+    let out = tempfile::tempdir().expect("image build directory");
+    let (layout, _tar) = crate::oci_image::build(out.path()).expect("building the busybox image");
+    let store = std::sync::Arc::new(
+        carapace::image::ImageStore::open(image_dir).expect("opening the image store"),
+    );
+    let name =
+        carapace::image::ImageRef::parse("docker.io/library/busybox:latest").expect("image name");
+    carapace::image::import::import_layout(&store, &layout, Some(&name))
+        .await
+        .expect("importing the busybox image");
 }
 
 /// The `carapace` binary of the same build as this test: test binaries live

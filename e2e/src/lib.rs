@@ -21,6 +21,9 @@ use carapace_agent_api::v1::HealthResponse;
 
 pub mod daemon;
 pub mod node;
+/// The demo image builder, shared with `cargo xtask busybox-image`.
+#[path = "../../xtask/src/oci_image.rs"]
+pub mod oci_image;
 
 /// How long a boot may take before the test fails. TCG on a loaded 2-core
 /// machine is slow; a healthy boot takes about a second.

@@ -118,7 +118,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let sandboxes = Arc::new(Sandboxes::load(config.clone(), driver)?);
     let containers = Containers::load(config.clone(), sandboxes.clone(), store)?;
     let service = CriService::new(sandboxes, containers);
-    let shutdown = async {
+    let handle = service.clone();
+    let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing the SIGTERM handler");
         tokio::select! {
@@ -127,6 +128,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         // Pod VMs keep running: a restarted daemon finds them again.
         tracing::info!("shutting down; pod VMs keep running");
+        handle.begin_shutdown();
     };
     cri::serve(&config.socket, service, images, shutdown).await
 }

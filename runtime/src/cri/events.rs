@@ -28,9 +28,14 @@ impl CriService {
     pub(super) fn container_events(&self) -> EventStream {
         let mut events = self.containers.subscribe();
         let this = self.clone();
+        let mut shutdown = self.shutdown.subscribe();
         let stream = async_stream(move |tx| async move {
             loop {
-                let event = match events.recv().await {
+                let received = tokio::select! {
+                    e = events.recv() => e,
+                    _ = shutdown.wait_for(|down| *down) => return,
+                };
+                let event = match received {
                     Ok(e) => e,
                     Err(RecvError::Lagged(n)) => {
                         tracing::warn!("a container event reader fell behind; {n} events dropped");

@@ -123,6 +123,9 @@ pub struct CriService {
     pub sandboxes: Arc<Sandboxes>,
     pub containers: Arc<crate::container::Containers>,
     pub cpu_samples: Arc<stats::CpuSamples>,
+    /// Set when the daemon shuts down: endless streams (events) end, so
+    /// that the server's graceful shutdown does not wait for them.
+    shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl CriService {
@@ -131,7 +134,13 @@ impl CriService {
             sandboxes,
             containers,
             cpu_samples: Default::default(),
+            shutdown: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Ends the streams that would otherwise never end.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
     }
 }
 

@@ -1,0 +1,544 @@
+//! Containers through CRI, as kubelet drives them: a real daemon, a real
+//! pod VM (qemu driver), the busybox image in the daemon's store.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use carapace_e2e::daemon::Daemon;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerEventType, ContainerFilter, ContainerMetadata, ContainerState,
+    ContainerStatsRequest, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
+    DnsConfig, ExecSyncRequest, GetEventsRequest, ImageSpec, ListContainersRequest, Mount,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, ReopenContainerLogRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Cri = RuntimeServiceClient<Channel>;
+
+const BUSYBOX: &str = "docker.io/library/busybox:latest";
+
+fn pod_config(log_dir: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "web".into(),
+            uid: "uid-web".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "web-0".into(),
+        log_directory: log_dir.display().to_string(),
+        dns_config: Some(DnsConfig {
+            servers: vec!["10.96.0.10".into()],
+            searches: vec!["default.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        }),
+        ..Default::default()
+    }
+}
+
+fn container(name: &str, cmd: &[&str], log_path: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: log_path.into(),
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        ..Default::default()
+    }
+}
+
+async fn create(
+    cri: &mut Cri,
+    pod: &str,
+    config: ContainerConfig,
+    pod_config: &PodSandboxConfig,
+) -> String {
+    cri.create_container(CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: Some(pod_config.clone()),
+    })
+    .await
+    .expect("CreateContainer")
+    .into_inner()
+    .container_id
+}
+
+async fn status(cri: &mut Cri, id: &str) -> ContainerStatus {
+    cri.container_status(ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("ContainerStatus")
+    .into_inner()
+    .status
+    .expect("a status")
+}
+
+/// Waits until the container's state is `state`.
+async fn wait_state(cri: &mut Cri, id: &str, state: ContainerState) -> ContainerStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(cri, id).await;
+        if s.state == state as i32 {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {id} never reached {state:?}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the CRI log at `path` has a line whose content contains
+/// `needle`; returns the whole log.
+async fn wait_log(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.lines().any(|l| l.contains(needle)) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never showed {needle:?}; it holds:\n{log}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Content of CRI log lines of `stream` (`stdout`/`stderr`).
+fn entries(log: &str, stream: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(4, ' ');
+            let (_time, s, tag, content) = (
+                parts.next()?,
+                parts.next()?,
+                parts.next()?,
+                parts.next().unwrap_or(""),
+            );
+            assert!(tag == "F" || tag == "P", "bad tag in {l:?}");
+            (s == stream).then(|| content.to_owned())
+        })
+        .collect()
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
+    let mut daemon = Daemon::start_with_busybox().await;
+    let mut cri = daemon.runtime().await;
+    let mut events = cri
+        .get_container_events(GetEventsRequest {})
+        .await
+        .expect("GetContainerEvents")
+        .into_inner();
+
+    let logs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(logs.path().join("app")).unwrap();
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("greeting"), "from the host\n").unwrap();
+    let pod_config = pod_config(logs.path());
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+
+    // Unknown image, unknown pod: clear codes, nothing created.
+    let mut bad = container("bad", &["true"], "");
+    bad.image = Some(ImageSpec {
+        image: "example.com/absent:1".into(),
+        ..Default::default()
+    });
+    let err = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(bad),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    let err = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: "0".repeat(64),
+            config: Some(container("x", &["true"], "")),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+
+    // A long-running container with a read-only volume.
+    let script = "echo hello; echo oops >&2; cat /etc/resolv.conf; cat /etc/hostname; \
+                  i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
+    let mut app = container("app", &["sh", "-c", script], "app/0.log");
+    app.mounts = vec![Mount {
+        container_path: "/data".into(),
+        host_path: volume.path().display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let app_id = create(&mut cri, &pod, app.clone(), &pod_config).await;
+    let s = status(&mut cri, &app_id).await;
+    assert_eq!(s.state, ContainerState::ContainerCreated as i32);
+    assert_eq!(s.image.as_ref().unwrap().image, BUSYBOX);
+    // The same name again is refused while the first exists.
+    let err = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(app),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+
+    cri.start_container(StartContainerRequest {
+        container_id: app_id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", daemon.log()));
+    let log_path = logs.path().join("app/0.log");
+    let log = wait_log(&log_path, "tick 1").await;
+    let out = entries(&log, "stdout");
+    assert_eq!(out[0], "hello", "{log}");
+    assert!(out.contains(&"nameserver 10.96.0.10".to_string()), "{log}");
+    assert!(
+        out.contains(&"search default.svc.cluster.local".to_string()),
+        "{log}"
+    );
+    assert!(out.contains(&"web-0".to_string()), "{log}");
+    assert_eq!(entries(&log, "stderr"), ["oops"], "{log}");
+    let s = status(&mut cri, &app_id).await;
+    assert_eq!(s.state, ContainerState::ContainerRunning as i32);
+    assert!(s.started_at >= s.created_at && s.started_at > 0);
+    assert_eq!(s.log_path, log_path.display().to_string());
+    assert_eq!(s.mounts.len(), 1);
+
+    // ExecSync: output, exit code, the volume, read-only.
+    let exec = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: app_id.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /data/greeting; echo x > /data/new || echo refused >&2; exit 3".into(),
+            ],
+            timeout: 30,
+        })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    assert_eq!(String::from_utf8_lossy(&exec.stdout), "from the host\n");
+    assert!(String::from_utf8_lossy(&exec.stderr).contains("refused"));
+    assert_eq!(exec.exit_code, 3);
+    assert!(!volume.path().join("new").exists());
+    // A command that outlives its timeout.
+    let started = Instant::now();
+    let err = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: app_id.clone(),
+            cmd: vec!["sleep".into(), "30".into()],
+            timeout: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // Stats from the guest's cgroups.
+    let stats = cri
+        .container_stats(ContainerStatsRequest {
+            container_id: app_id.clone(),
+        })
+        .await
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .unwrap();
+    let memory = stats.memory.expect("memory stats");
+    assert!(memory.working_set_bytes.unwrap().value > 0);
+    assert!(
+        stats
+            .cpu
+            .expect("cpu stats")
+            .usage_core_nano_seconds
+            .unwrap()
+            .value
+            > 0
+    );
+    let pod_stats = cri
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("PodSandboxStats")
+        .into_inner()
+        .stats
+        .unwrap();
+    assert_eq!(pod_stats.linux.unwrap().containers.len(), 1);
+
+    // The daemon restarts: the container still runs and its log goes on.
+    daemon.restart().await;
+    let mut cri = daemon.runtime().await;
+    let s = status(&mut cri, &app_id).await;
+    assert_eq!(
+        s.state,
+        ContainerState::ContainerRunning as i32,
+        "{}",
+        daemon.log()
+    );
+    let before = entries(&std::fs::read_to_string(&log_path).unwrap(), "stdout").len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while entries(&std::fs::read_to_string(&log_path).unwrap(), "stdout").len() < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the log stopped after the restart:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Log rotation: kubelet renames the file and asks for a reopen.
+    let rotated = logs.path().join("app/0.log.rotated");
+    std::fs::rename(&log_path, &rotated).unwrap();
+    cri.reopen_container_log(ReopenContainerLogRequest {
+        container_id: app_id.clone(),
+    })
+    .await
+    .expect("ReopenContainerLog");
+    wait_log(&log_path, "tick").await;
+
+    // Stop: sh as PID 1 ignores SIGTERM, so SIGKILL follows the timeout.
+    let started = Instant::now();
+    cri.stop_container(StopContainerRequest {
+        container_id: app_id.clone(),
+        timeout: 2,
+    })
+    .await
+    .expect("StopContainer");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let s = wait_state(&mut cri, &app_id, ContainerState::ContainerExited).await;
+    assert_eq!(s.exit_code, 137, "{s:?}");
+    assert!(s.finished_at >= s.started_at);
+    // Stopping again is fine; ReopenContainerLog of a stopped one is not.
+    cri.stop_container(StopContainerRequest {
+        container_id: app_id.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("StopContainer again");
+    let err = cri
+        .reopen_container_log(ReopenContainerLogRequest {
+            container_id: app_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // A container that exits by itself, quickly, with its last words.
+    let quick_id = create(
+        &mut cri,
+        &pod,
+        container(
+            "quick",
+            &["sh", "-c", "echo last words; exit 4"],
+            "app/quick.log",
+        ),
+        &pod_config,
+    )
+    .await;
+    cri.start_container(StartContainerRequest {
+        container_id: quick_id.clone(),
+    })
+    .await
+    .expect("StartContainer quick");
+    let s = wait_state(&mut cri, &quick_id, ContainerState::ContainerExited).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (4, "Error"));
+    let log = std::fs::read_to_string(logs.path().join("app/quick.log")).unwrap();
+    assert_eq!(entries(&log, "stdout"), ["last words"], "{log}");
+
+    // Filters.
+    let listed = cri
+        .list_containers(ListContainersRequest {
+            filter: Some(ContainerFilter {
+                pod_sandbox_id: pod.clone(),
+                label_selector: HashMap::from([("app".to_string(), "quick".to_string())]),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, quick_id);
+
+    // Remove everything: no record, no mount, no layer left.
+    for id in [&app_id, &quick_id] {
+        cri.remove_container(RemoveContainerRequest {
+            container_id: id.to_string(),
+        })
+        .await
+        .expect("RemoveContainer");
+        let err = cri
+            .container_status(ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    cri.remove_container(RemoveContainerRequest {
+        container_id: app_id.clone(),
+    })
+    .await
+    .expect("removing twice is fine");
+    assert!(
+        mounts_under(daemon.dir()).is_empty(),
+        "{:?}",
+        mounts_under(daemon.dir())
+    );
+    assert_eq!(
+        std::fs::read_dir(daemon.containers_dir()).unwrap().count(),
+        0
+    );
+
+    // Events, in order, for the quick container (the stream started before
+    // the daemon restarted, so it ended there; the first ones are in it).
+    let mut seen = Vec::new();
+    while let Ok(Some(e)) = events.message().await {
+        seen.push((e.container_id.clone(), e.container_event_type));
+    }
+    let app_events: Vec<i32> = seen
+        .iter()
+        .filter(|(id, _)| *id == app_id)
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(
+        app_events,
+        [
+            ContainerEventType::ContainerCreatedEvent as i32,
+            ContainerEventType::ContainerStartedEvent as i32
+        ],
+        "{seen:?}"
+    );
+
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(mounts_under(daemon.dir()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_follow_a_container_and_removing_a_pod_removes_its_containers() {
+    let daemon = Daemon::start_with_busybox().await;
+    let mut cri = daemon.runtime().await;
+    let logs = tempfile::tempdir().unwrap();
+    let pod_config = pod_config(logs.path());
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let mut events = cri
+        .get_container_events(GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let id = create(
+        &mut cri,
+        &pod,
+        container("ev", &["sleep", "1000"], ""),
+        &pod_config,
+    )
+    .await;
+    cri.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    // Removing the pod kills and removes its container.
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    let s = status(&mut cri, &id).await;
+    assert_eq!(s.state, ContainerState::ContainerExited as i32);
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    let err = cri
+        .container_status(ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let want = [
+        ContainerEventType::ContainerCreatedEvent,
+        ContainerEventType::ContainerStartedEvent,
+        ContainerEventType::ContainerStoppedEvent,
+        ContainerEventType::ContainerDeletedEvent,
+    ];
+    for expected in want {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.container_id, id);
+        assert_eq!(e.container_event_type, expected as i32);
+        if expected == ContainerEventType::ContainerStartedEvent {
+            assert_eq!(e.pod_sandbox_status.unwrap().id, pod);
+            assert_eq!(e.containers_statuses.len(), 1);
+        }
+    }
+    assert!(mounts_under(daemon.dir()).is_empty());
+}
