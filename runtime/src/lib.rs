@@ -6,6 +6,7 @@ pub mod agent_ready;
 pub mod config;
 pub mod container;
 pub mod cri;
+pub mod demo;
 pub mod host;
 pub mod image;
 pub mod sandbox;

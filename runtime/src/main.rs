@@ -35,6 +35,39 @@ enum Command {
     /// Report whether this host can run pod VMs; with --boot, boot a
     /// throwaway VM and ask its agent for its version.
     Check(CheckArgs),
+    /// Import the images of an OCI image layout (directory or tar) into the
+    /// image store, for air-gapped nodes. The daemon sees them when it
+    /// (re)starts.
+    Import(ImportArgs),
+    /// Run a one-shot demo pod through a running daemon's CRI socket and
+    /// print its container's log.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    #[arg(long, default_value = carapace::config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Name for images whose layout gives only a tag (or none).
+    #[arg(long)]
+    name: Option<String>,
+    /// The OCI image layout: a directory or a tar file.
+    layout: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// The daemon's CRI socket.
+    #[arg(long, default_value = "/run/carapace/carapace.sock")]
+    socket: PathBuf,
+    #[arg(long, default_value = "docker.io/library/busybox:latest")]
+    image: String,
+    /// How long the container may run.
+    #[arg(long, default_value = "120", value_name = "SECONDS")]
+    timeout: u64,
+    /// The container's command (default: a greeting with facts about the VM).
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,7 +103,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => Config::load(&args.config)
             .map(|c| c.log_level)
             .unwrap_or_else(|_| "info".into()),
-        Command::Check(_) => "info".into(),
+        Command::Check(_) | Command::Import(_) | Command::Demo(_) => "info".into(),
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -84,7 +117,55 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Check(args) => runtime.block_on(check(args)),
+        Command::Import(args) => runtime.block_on(import(args)),
+        Command::Demo(args) => {
+            let code = runtime.block_on(demo(args))?;
+            std::process::exit(code);
+        }
     }
+}
+
+async fn import(args: ImportArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let store = Arc::new(ImageStore::open(&config.image_dir)?);
+    let name = args
+        .name
+        .as_deref()
+        .map(carapace::image::ImageRef::parse)
+        .transpose()
+        .context("--name")?;
+    let images = carapace::image::import::import_layout(&store, &args.layout, name.as_ref())
+        .await
+        .with_context(|| format!("importing {}", args.layout.display()))?;
+    for image in images {
+        println!("{} {}", image.id, image.repo_tags.join(" "));
+    }
+    Ok(())
+}
+
+/// The demo container's default command.
+const DEMO_SCRIPT: &str = "echo \"Hello from a container in its own Carapace pod VM\"; \
+    echo \"kernel:   $(uname -r)\"; echo \"hostname: $(hostname)\"; \
+    echo \"cpus:     $(grep -c ^processor /proc/cpuinfo)\"; \
+    echo \"memory:   $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2) kB\"; \
+    echo \"dns:      $(grep nameserver /etc/resolv.conf)\"; \
+    echo \"cgroup:   $(cat /proc/self/cgroup)\"";
+
+async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
+    let command = if args.command.is_empty() {
+        vec!["sh".into(), "-c".into(), DEMO_SCRIPT.into()]
+    } else {
+        args.command
+    };
+    carapace::demo::run(
+        &args.socket,
+        carapace::demo::DemoPod {
+            image: args.image,
+            command,
+            timeout: Duration::from_secs(args.timeout),
+        },
+    )
+    .await
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
