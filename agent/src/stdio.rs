@@ -241,9 +241,7 @@ impl ProcessIo {
     }
 
     /// The output, for one reader at a time.
-    pub fn take_output(
-        &self,
-    ) -> Result<tokio::sync::OwnedMutexGuard<Output>, StdioError> {
+    pub fn take_output(&self) -> Result<tokio::sync::OwnedMutexGuard<Output>, StdioError> {
         self.output
             .clone()
             .try_lock_owned()

@@ -66,6 +66,10 @@ pub struct VmOptions {
     pub vcpus: u8,
     pub mem_mib: u32,
     pub extra_cmdline: String,
+    /// A host directory shared with the guest over virtio-fs (virtiofsd),
+    /// under the tag [`carapace::vm::SHARED_FS_TAG`]; the guest mounts it
+    /// when asked to (SetupSandbox).
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl Default for VmOptions {
@@ -74,6 +78,7 @@ impl Default for VmOptions {
             vcpus: 1,
             mem_mib: 256,
             extra_cmdline: String::new(),
+            shared_dir: None,
         }
     }
 }
@@ -109,7 +114,7 @@ impl TestVm {
             mem_mib: options.mem_mib,
             extra_cmdline: options.extra_cmdline,
             run_dir: run_dir.path().to_owned(),
-            shared_dir: None,
+            shared_dir: options.shared_dir,
         };
         let vm = driver.start(&spec).await.expect("starting the VM");
         let started = vm.started_at();
