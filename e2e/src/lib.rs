@@ -54,6 +54,21 @@ impl GuestArtifacts {
     }
 }
 
+/// The busybox demo image (an OCI layout directory, one uncompressed
+/// layer) from `CARAPACE_BUSYBOX_IMAGE` (default `<target dir>/images/busybox`);
+/// panics with the command that builds it.
+pub fn busybox_image() -> PathBuf {
+    let layout = std::env::var_os("CARAPACE_BUSYBOX_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("images/busybox"));
+    assert!(
+        layout.join("index.json").is_file(),
+        "the busybox image {} is missing: build it with `cargo xtask busybox-image`",
+        layout.display()
+    );
+    layout
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
