@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a Debian 12 machine for Carapace, idempotently:
 #   - Debian packages (QEMU, build tools for the guest kernel, protoc, ...),
-#   - cargo-installed tools (vhost-device-vsock, cargo-nextest), cached by version,
+#   - cargo-installed tools (vhost-device-vsock, virtiofsd, cargo-nextest), cached by version,
 #   - the guest kernel (cached on its config) and the guest image,
 #   - the `carapace` binary and the guest artifacts under /usr/local.
 # Needs root (apt, /usr/local). Honors CARAPACE_CACHE_DIR (default ~/.cache/carapace).
@@ -24,6 +24,7 @@ packages=(
   busybox-static              # test root filesystems and the demo image
   docker-registry skopeo      # a real local registry for the image tests
   pkg-config gcc make         # -sys crates
+  libcap-ng-dev libseccomp-dev  # virtiofsd's build (and its runtime libraries)
   flex bison libelf-dev libssl-dev bc cpio xz-utils   # guest kernel build
 )
 missing=()
@@ -50,6 +51,7 @@ cargo_tool() { # <crate> <version> <binary>
 }
 mkdir -p "$cache/tools" "$prefix/bin"
 cargo_tool vhost-device-vsock 0.3.0 vhost-device-vsock
+cargo_tool virtiofsd 1.14.0 virtiofsd
 command -v cargo-nextest >/dev/null || cargo_tool cargo-nextest 0.9.143 cargo-nextest
 
 # --- guest kernel and image -------------------------------------------------------

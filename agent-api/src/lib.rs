@@ -25,3 +25,8 @@ pub const READY_VSOCK_PORT: u32 = 1025;
 
 /// Where the agent writes the pod's DNS and host files (SetupSandbox).
 pub const SANDBOX_FILES_DIR: &str = "/run/carapace/sandbox";
+
+/// Where the guest mounts the pod's shared directory (the virtio-fs share
+/// holding the containers' root filesystems and volumes). The runtime asks
+/// for it in SetupSandbox; relative `root.path`s are then relative to it.
+pub const SHARED_FS_MOUNT_POINT: &str = "/run/carapace/shared";

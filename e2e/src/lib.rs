@@ -57,6 +57,21 @@ impl GuestArtifacts {
     }
 }
 
+/// The busybox demo image (an OCI layout directory, one uncompressed
+/// layer) from `CARAPACE_BUSYBOX_IMAGE` (default `<target dir>/images/busybox`);
+/// panics with the command that builds it.
+pub fn busybox_image() -> PathBuf {
+    let layout = std::env::var_os("CARAPACE_BUSYBOX_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("images/busybox"));
+    assert!(
+        layout.join("index.json").is_file(),
+        "the busybox image {} is missing: build it with `cargo xtask busybox-image`",
+        layout.display()
+    );
+    layout
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -69,6 +84,10 @@ pub struct VmOptions {
     pub vcpus: u8,
     pub mem_mib: u32,
     pub extra_cmdline: String,
+    /// A host directory shared with the guest over virtio-fs (virtiofsd),
+    /// under the tag [`carapace::vm::SHARED_FS_TAG`]; the guest mounts it
+    /// when asked to (SetupSandbox).
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl Default for VmOptions {
@@ -77,6 +96,7 @@ impl Default for VmOptions {
             vcpus: 1,
             mem_mib: 256,
             extra_cmdline: String::new(),
+            shared_dir: None,
         }
     }
 }
@@ -112,7 +132,7 @@ impl TestVm {
             mem_mib: options.mem_mib,
             extra_cmdline: options.extra_cmdline,
             run_dir: run_dir.path().to_owned(),
-            shared_dir: None,
+            shared_dir: options.shared_dir,
         };
         let vm = driver.start(&spec).await.expect("starting the VM");
         let started = vm.started_at();

@@ -1,6 +1,7 @@
 //! The `qemu` driver: `qemu-system-x86_64 -M microvm`, with KVM where the host
-//! has hardware virtualization and TCG otherwise, and `vhost-device-vsock` as
-//! the vsock backend, whose `--uds-path` socket is the hybrid-vsock host side.
+//! has hardware virtualization and TCG otherwise, `vhost-device-vsock` as
+//! the vsock backend, whose `--uds-path` socket is the hybrid-vsock host side,
+//! and `virtiofsd` as the virtio-fs backend of the pod's shared directory.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use tokio::process::Command;
 use carapace_agent_api::v1::HealthResponse;
 
 use super::process::VmProcess;
-use super::{find_in_path, VmSpec};
+use super::{find_in_path, VmSpec, SHARED_FS_TAG};
 use crate::agent_client::{AgentClient, AgentError};
 use crate::agent_ready::ReadyListener;
 use crate::host::KvmKind;
@@ -23,7 +24,13 @@ use crate::host::KvmKind;
 /// Under KVM neither costs anything noticeable, so they are not used there.
 const TCG_CMDLINE: &str = "noreplace-smp lpj=1000000";
 
-/// How long the vsock backend may take to create its vhost-user socket.
+/// File names in the VM's run directory.
+const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
+const VIRTIOFS_SOCKET: &str = "virtiofs.sock";
+const VSOCK_BACKEND_LOG: &str = "vsock-backend.log";
+const VIRTIOFSD_LOG: &str = "virtiofsd.log";
+
+/// How long a backend may take to create its vhost-user socket.
 const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a VM may take to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -40,8 +47,8 @@ pub enum QemuError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("vsock backend did not come up: {0}")]
-    BackendNotReady(String),
+    #[error("{what} did not come up: {reason}")]
+    BackendNotReady { what: &'static str, reason: String },
     #[error(transparent)]
     Ready(crate::agent_ready::ReadyError),
 }
@@ -69,18 +76,20 @@ impl Accel {
 pub struct QemuDriver {
     qemu: PathBuf,
     vsock_backend: PathBuf,
+    fs_backend: PathBuf,
     accel: Accel,
 }
 
 impl QemuDriver {
-    /// Finds QEMU and the vsock backend in `$PATH` and picks the accelerator
-    /// from what the host offers.
+    /// Finds QEMU, the vsock backend and virtiofsd in `$PATH` and picks the
+    /// accelerator from what the host offers.
     pub fn from_host() -> Result<Self, QemuError> {
         Ok(Self {
             qemu: find_in_path("qemu-system-x86_64")
                 .ok_or(QemuError::MissingTool("qemu-system-x86_64"))?,
             vsock_backend: find_in_path("vhost-device-vsock")
                 .ok_or(QemuError::MissingTool("vhost-device-vsock"))?,
+            fs_backend: find_in_path("virtiofsd").ok_or(QemuError::MissingTool("virtiofsd"))?,
             accel: Accel::for_host(KvmKind::detect()),
         })
     }
@@ -90,7 +99,8 @@ impl QemuDriver {
     }
 
     /// The QEMU command line for `spec` (without the binary).
-    pub fn qemu_args(&self, spec: &VmSpec, vhost_socket: &Path) -> Vec<String> {
+    pub fn qemu_args(&self, spec: &VmSpec) -> Vec<String> {
+        let vhost_socket = spec.run_dir.join(VHOST_VSOCK_SOCKET);
         let mem = spec.mem_mib;
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
@@ -129,6 +139,21 @@ impl QemuDriver {
             format!("socket,id=vsock,path={}", vhost_socket.display()),
             "-device".into(),
             "vhost-user-vsock-device,chardev=vsock".into(),
+        ]);
+        if spec.shared_dir.is_some() {
+            // The backend is virtiofsd (see `virtiofsd_args`); the tag is
+            // QEMU's to announce (virtiofsd's own `--tag` crashes QEMU 7.2).
+            args.extend([
+                "-chardev".into(),
+                format!(
+                    "socket,id=fs,path={}",
+                    spec.run_dir.join(VIRTIOFS_SOCKET).display()
+                ),
+                "-device".into(),
+                format!("vhost-user-fs-device,chardev=fs,tag={SHARED_FS_TAG}"),
+            ]);
+        }
+        args.extend([
             "-kernel".into(),
             spec.kernel.display().to_string(),
             "-initrd".into(),
@@ -142,16 +167,20 @@ impl QemuDriver {
         args
     }
 
-    /// Starts the vsock backend, then QEMU. Returns once QEMU runs; the agent
-    /// is ready when it answers (see `AgentClient::wait_ready`). The
-    /// processes run detached from the daemon (see [`VmProcess`]).
+    /// Starts the vsock backend and, when the VM has a shared directory,
+    /// virtiofsd, then QEMU. Returns once QEMU runs; the agent is ready when
+    /// it answers (see `AgentClient::wait_ready`). The processes run
+    /// detached from the daemon (see [`VmProcess`]); if the start fails,
+    /// those already started are killed.
     pub async fn start(&self, spec: &VmSpec) -> Result<QemuVm, QemuError> {
         validate(spec)?;
-        let vhost_socket = spec.run_dir.join("vhost-vsock.sock");
+        let vhost_socket = spec.run_dir.join(VHOST_VSOCK_SOCKET);
+        let fs_socket = spec.run_dir.join(VIRTIOFS_SOCKET);
         let vsock_socket = spec.vsock_socket();
-        for stale in [&vhost_socket, &vsock_socket] {
+        for stale in [&vhost_socket, &fs_socket, &vsock_socket] {
             let _ = std::fs::remove_file(stale);
         }
+        let mut started = Started::default();
 
         let mut backend_cmd = Command::new(&self.vsock_backend);
         backend_cmd.arg("--vm").arg(format!(
@@ -159,51 +188,45 @@ impl QemuDriver {
             vhost_socket.display(),
             vsock_socket.display()
         ));
-        let backend = VmProcess::spawn(
+        let backend = started.spawn(
             "vhost-device-vsock",
             backend_cmd,
-            &spec.run_dir.join("vsock-backend.log"),
-        )
-        .map_err(|source| QemuError::Spawn {
-            what: "vhost-device-vsock",
-            source,
-        })?;
-        if let Err(e) = wait_for_socket(&backend, &vhost_socket).await {
-            backend.kill_now();
-            let log =
-                std::fs::read_to_string(spec.run_dir.join("vsock-backend.log")).unwrap_or_default();
-            return Err(QemuError::BackendNotReady(format!(
-                "{e}; its log: {}",
-                log.trim()
-            )));
+            &spec.run_dir.join(VSOCK_BACKEND_LOG),
+        )?;
+        let fs = match &spec.shared_dir {
+            Some(dir) => {
+                let mut fs_cmd = Command::new(&self.fs_backend);
+                fs_cmd.args(virtiofsd_args(dir, &fs_socket, max_open_files()));
+                Some(started.spawn("virtiofsd", fs_cmd, &spec.run_dir.join(VIRTIOFSD_LOG))?)
+            }
+            None => None,
+        };
+        // Both backends start in parallel; QEMU needs both sockets.
+        let vsock_log = spec.run_dir.join(VSOCK_BACKEND_LOG);
+        wait_for_socket("vsock backend", &backend, &vhost_socket, &vsock_log).await?;
+        if let Some(fs) = &fs {
+            let fs_log = spec.run_dir.join(VIRTIOFSD_LOG);
+            wait_for_socket("virtiofsd", fs, &fs_socket, &fs_log).await?;
         }
 
         // Bound before the guest runs, so its announcement cannot be missed.
-        let ready = match ReadyListener::bind(&vsock_socket) {
-            Ok(ready) => ready,
-            Err(e) => {
-                backend.kill_now();
-                return Err(QemuError::Ready(e));
-            }
-        };
+        let ready = ReadyListener::bind(&vsock_socket).map_err(QemuError::Ready)?;
 
         let started_at = Instant::now();
         let mut qemu_cmd = Command::new(&self.qemu);
-        qemu_cmd.args(self.qemu_args(spec, &vhost_socket));
-        let qemu = match VmProcess::spawn("qemu", qemu_cmd, &spec.run_dir.join("qemu.log")) {
-            Ok(qemu) => qemu,
-            Err(source) => {
-                backend.kill_now();
-                return Err(QemuError::Spawn {
-                    what: "qemu-system-x86_64",
-                    source,
-                });
-            }
-        };
+        qemu_cmd.args(self.qemu_args(spec));
+        let qemu = started.spawn(
+            "qemu-system-x86_64",
+            qemu_cmd,
+            &spec.run_dir.join("qemu.log"),
+        )?;
+        started.disarm();
         Ok(QemuVm {
             handle: QemuHandle {
                 qemu,
                 backend,
+                fs_socket: fs.as_ref().map(|_| fs_socket),
+                fs,
                 vsock_socket,
                 vhost_socket,
                 console_log: spec.console_log(),
@@ -214,16 +237,108 @@ impl QemuDriver {
     }
 }
 
+/// The virtiofsd command line (without the binary) that serves `shared_dir`
+/// on the vhost-user socket `socket`. Why these options: `docs/guest.md`,
+/// "The shared directory".
+pub fn virtiofsd_args(shared_dir: &Path, socket: &Path, max_open_files: u64) -> Vec<String> {
+    vec![
+        format!("--shared-dir={}", shared_dir.display()),
+        format!("--socket-path={}", socket.display()),
+        // chroot() into the share, but stay in the host's mount namespace:
+        // the root filesystems and volumes the daemon mounts under the share
+        // after the VM started are seen (a private namespace would not).
+        "--sandbox=chroot".into(),
+        // virtiofsd's own syscall filter; a syscall outside it kills it.
+        "--seccomp=kill".into(),
+        // Mounts under the share are submounts in the guest, with their own
+        // inode numbers (st_dev), as on the host.
+        "--announce-submounts".into(),
+        // O_PATH descriptors, not file handles: opening a file handle needs
+        // CAP_DAC_READ_SEARCH, with which open_by_handle_at(2) reaches any
+        // file of the host filesystem, chroot or not.
+        "--inode-file-handles=never".into(),
+        // Page cache in the guest, revalidated: metadata and directory
+        // entries for 1 s, file data until the file changed on the host
+        // (checked at open). Host-side updates (ConfigMaps) are seen.
+        "--cache=auto".into(),
+        // One O_PATH descriptor per inode the guest holds: as many as allowed.
+        format!("--rlimit-nofile={max_open_files}"),
+        "--log-level=warn".into(),
+    ]
+}
+
+/// The open-file limit virtiofsd should raise itself to: this process's hard
+/// limit (which it inherits), at most virtiofsd's own default of a million.
+fn max_open_files() -> u64 {
+    const VIRTIOFSD_DEFAULT: u64 = 1_000_000;
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard.min(VIRTIOFSD_DEFAULT))
+        .unwrap_or(VIRTIOFSD_DEFAULT)
+}
+
+/// The processes of a VM being started: killed when the start fails (an
+/// error, or the future dropped) before [`Started::disarm`].
+#[derive(Default)]
+struct Started(Vec<VmProcess>);
+
+impl Started {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        command: Command,
+        log: &Path,
+    ) -> Result<VmProcess, QemuError> {
+        let process = VmProcess::spawn(name, command, log)
+            .map_err(|source| QemuError::Spawn { what: name, source })?;
+        self.0.push(process.clone());
+        Ok(process)
+    }
+
+    fn disarm(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for process in &self.0 {
+            process.kill_now();
+        }
+    }
+}
+
 /// The longest path a unix socket can be bound to (`sun_path` minus NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// Unix sockets the VM's processes bind in its run directory.
+fn socket_names() -> [String; 4] {
+    [
+        VHOST_VSOCK_SOCKET.to_owned(),
+        VIRTIOFS_SOCKET.to_owned(),
+        // The hybrid-vsock socket and its per-port listeners (`<uds>_<port>`).
+        "vsock.sock".to_owned(),
+        format!("vsock.sock_{}", carapace_agent_api::READY_VSOCK_PORT),
+    ]
+}
+
 fn validate(spec: &VmSpec) -> Result<(), QemuError> {
-    let longest = spec.run_dir.join("vhost-vsock.sock");
-    if longest.as_os_str().len() > MAX_SOCKET_PATH {
+    let longest = socket_names()
+        .iter()
+        .map(|name| spec.run_dir.join(name).as_os_str().len())
+        .max()
+        .unwrap_or(0);
+    if longest > MAX_SOCKET_PATH {
         return Err(QemuError::InvalidSpec(format!(
             "run_dir {} is too long for unix socket paths (at most {} bytes with the socket name)",
             spec.run_dir.display(),
             MAX_SOCKET_PATH
+        )));
+    }
+    // QEMU's option syntax would split the socket paths at a comma.
+    if spec.run_dir.as_os_str().as_encoded_bytes().contains(&b',') {
+        return Err(QemuError::InvalidSpec(format!(
+            "run_dir {} contains a comma",
+            spec.run_dir.display()
         )));
     }
     for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
@@ -246,26 +361,46 @@ fn validate(spec: &VmSpec) -> Result<(), QemuError> {
             spec.run_dir.display()
         )));
     }
+    if let Some(dir) = &spec.shared_dir {
+        if !dir.is_absolute() || !dir.is_dir() {
+            return Err(QemuError::InvalidSpec(format!(
+                "shared_dir {} is not an absolute path to a directory",
+                dir.display()
+            )));
+        }
+    }
     Ok(())
 }
 
-async fn wait_for_socket(backend: &VmProcess, socket: &Path) -> Result<(), QemuError> {
+/// Waits until `backend` has created its vhost-user `socket`; on failure the
+/// error carries the backend's log.
+async fn wait_for_socket(
+    what: &'static str,
+    backend: &VmProcess,
+    socket: &Path,
+    log: &Path,
+) -> Result<(), QemuError> {
     let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
-    loop {
+    let reason = loop {
         if socket.exists() {
             return Ok(());
         }
         if !backend.is_running() {
-            return Err(QemuError::BackendNotReady("it exited".into()));
+            break "it exited".to_owned();
         }
         if Instant::now() >= deadline {
-            return Err(QemuError::BackendNotReady(format!(
+            break format!(
                 "no socket at {} after {BACKEND_READY_TIMEOUT:?}",
                 socket.display()
-            )));
+            );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    };
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    Err(QemuError::BackendNotReady {
+        what,
+        reason: format!("{reason}; its log: {}", log.trim()),
+    })
 }
 
 /// What identifies a QEMU VM's processes and sockets; recorded with the pod
@@ -274,31 +409,58 @@ async fn wait_for_socket(backend: &VmProcess, socket: &Path) -> Result<(), QemuE
 pub struct QemuHandle {
     pub qemu: VmProcess,
     pub backend: VmProcess,
+    /// virtiofsd, when the VM has a shared directory. Records written before
+    /// virtio-fs have none.
+    #[serde(default)]
+    pub fs: Option<VmProcess>,
     pub vsock_socket: PathBuf,
     pub vhost_socket: PathBuf,
+    /// virtiofsd's vhost-user socket, with `fs`.
+    #[serde(default)]
+    pub fs_socket: Option<PathBuf>,
     pub console_log: PathBuf,
 }
 
 impl QemuHandle {
-    /// Whether the VM (QEMU and its vsock backend) still runs.
+    /// Whether the VM (QEMU and its backends) still runs. A VM whose
+    /// virtiofsd died is not running: its guest cannot reach its root
+    /// filesystems any more.
     pub fn is_running(&self) -> bool {
-        self.qemu.is_running() && self.backend.is_running()
+        self.qemu.is_running()
+            && self.backend.is_running()
+            && self.fs.as_ref().is_none_or(VmProcess::is_running)
     }
 
     /// Stops the VM: SIGTERM to QEMU, SIGKILL after a grace period, then the
-    /// backend; removes the sockets. Stopping a stopped VM is a no-op.
+    /// backends; removes the sockets. Stopping a stopped VM is a no-op.
     pub async fn stop(&self) {
         self.qemu.stop(STOP_GRACE).await;
         self.backend.stop(STOP_GRACE).await;
-        for socket in [&self.vsock_socket, &self.vhost_socket] {
-            let _ = std::fs::remove_file(socket);
+        if let Some(fs) = &self.fs {
+            fs.stop(STOP_GRACE).await;
         }
+        self.remove_sockets();
     }
 
-    /// Kills both processes at once (synchronous, for `Drop` paths).
+    /// Kills every process at once (synchronous, for `Drop` paths).
     pub fn kill_now(&self) {
         self.qemu.kill_now();
         self.backend.kill_now();
+        if let Some(fs) = &self.fs {
+            fs.kill_now();
+        }
+    }
+
+    fn remove_sockets(&self) {
+        let _ = std::fs::remove_file(&self.vsock_socket);
+        let _ = std::fs::remove_file(&self.vhost_socket);
+        if let Some(socket) = &self.fs_socket {
+            let _ = std::fs::remove_file(socket);
+            // virtiofsd's lock file next to its socket.
+            let mut pid_file = socket.clone().into_os_string();
+            pid_file.push(".pid");
+            let _ = std::fs::remove_file(pid_file);
+        }
     }
 }
 
@@ -364,26 +526,136 @@ mod tests {
         }
     }
 
-    #[test]
-    fn command_line_shares_memory_and_wires_vsock() {
-        let driver = QemuDriver {
+    fn driver() -> QemuDriver {
+        QemuDriver {
             qemu: "qemu".into(),
             vsock_backend: "vdv".into(),
+            fs_backend: "virtiofsd".into(),
             accel: Accel::Tcg,
-        };
+        }
+    }
+
+    #[test]
+    fn command_line_shares_memory_and_wires_vsock() {
         let dir = Path::new("/run/vm1");
-        let args = driver
-            .qemu_args(&spec(dir), &dir.join("vhost.sock"))
-            .join(" ");
+        let args = driver().qemu_args(&spec(dir)).join(" ");
         assert!(args.contains("-accel tcg -cpu max"), "{args}");
         assert!(args.contains("memory-backend-memfd,id=mem,size=128M,share=on"));
-        assert!(args.contains("socket,id=vsock,path=/run/vm1/vhost.sock"));
+        assert!(args.contains("socket,id=vsock,path=/run/vm1/vhost-vsock.sock"));
         assert!(args.contains("vhost-user-vsock-device,chardev=vsock"));
         assert!(args.contains("acpi=off"));
+        assert!(
+            !args.contains("vhost-user-fs"),
+            "no share, no fs device: {args}"
+        );
         assert!(args.ends_with(&format!(
             "-append {} {TCG_CMDLINE}",
             super::super::BASE_CMDLINE
         )));
+    }
+
+    #[test]
+    fn command_line_wires_the_shared_directory() {
+        let dir = Path::new("/run/vm1");
+        let spec = VmSpec {
+            shared_dir: Some("/run/pods/p1/shared".into()),
+            ..spec(dir)
+        };
+        let args = driver().qemu_args(&spec);
+        let fs = args
+            .windows(4)
+            .find(|w| w[0] == "-chardev" && w[1].starts_with("socket,id=fs,"))
+            .expect("a chardev for virtiofsd");
+        assert_eq!(fs[1], "socket,id=fs,path=/run/vm1/virtiofs.sock");
+        assert_eq!(
+            (fs[2].as_str(), fs[3].as_str()),
+            ("-device", "vhost-user-fs-device,chardev=fs,tag=carapace")
+        );
+        // Before the kernel, like every device; the share's path is
+        // virtiofsd's business, not QEMU's.
+        let joined = args.join(" ");
+        assert!(joined.find("vhost-user-fs-device") < joined.find("-kernel"));
+        assert!(!joined.contains("/run/pods/p1/shared"), "{joined}");
+    }
+
+    #[test]
+    fn virtiofsd_command_line() {
+        let args = virtiofsd_args(
+            Path::new("/run/pods/p1/shared"),
+            Path::new("/run/vm1/virtiofs.sock"),
+            20000,
+        );
+        assert_eq!(
+            args,
+            [
+                "--shared-dir=/run/pods/p1/shared",
+                "--socket-path=/run/vm1/virtiofs.sock",
+                "--sandbox=chroot",
+                "--seccomp=kill",
+                "--announce-submounts",
+                "--inode-file-handles=never",
+                "--cache=auto",
+                "--rlimit-nofile=20000",
+                "--log-level=warn",
+            ]
+        );
+        // QEMU 7.2 crashes on a backend that announces its own tag.
+        assert!(!args.iter().any(|a| a.starts_with("--tag")));
+        assert!((1..=1_000_000).contains(&max_open_files()));
+    }
+
+    #[test]
+    fn records_without_virtiofsd_still_load() {
+        let old = r#"{
+            "qemu": {"name": "qemu", "pid": 10, "start_ticks": 5},
+            "backend": {"name": "vhost-device-vsock", "pid": 9, "start_ticks": 4},
+            "vsock_socket": "/run/vm1/vsock.sock",
+            "vhost_socket": "/run/vm1/vhost-vsock.sock",
+            "console_log": "/run/vm1/console.log"
+        }"#;
+        let handle: QemuHandle = serde_json::from_str(old).unwrap();
+        assert_eq!((handle.fs, handle.fs_socket), (None, None));
+        let new = QemuHandle {
+            fs: Some(VmProcess {
+                name: "virtiofsd".into(),
+                pid: 11,
+                start_ticks: 6,
+            }),
+            fs_socket: Some("/run/vm1/virtiofs.sock".into()),
+            ..serde_json::from_str(old).unwrap()
+        };
+        let again: QemuHandle =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(again, new);
+    }
+
+    #[tokio::test]
+    async fn a_vm_whose_virtiofsd_died_is_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let sleeper = |name: &str| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            VmProcess::spawn(name, cmd, &dir.path().join(format!("{name}.log"))).unwrap()
+        };
+        let fs_socket = dir.path().join(VIRTIOFS_SOCKET);
+        std::fs::write(&fs_socket, b"").unwrap();
+        let handle = QemuHandle {
+            qemu: sleeper("qemu"),
+            backend: sleeper("backend"),
+            fs: Some(sleeper("virtiofsd")),
+            vsock_socket: dir.path().join("vsock.sock"),
+            vhost_socket: dir.path().join(VHOST_VSOCK_SOCKET),
+            fs_socket: Some(fs_socket.clone()),
+            console_log: dir.path().join("console.log"),
+        };
+        assert!(handle.is_running());
+        let fs = handle.fs.clone().unwrap();
+        fs.kill_now();
+        assert!(fs.wait_exit(Duration::from_secs(5)).await);
+        assert!(!handle.is_running());
+        handle.stop().await;
+        assert!(!handle.qemu.is_running() && !handle.backend.is_running());
+        assert!(!fs_socket.exists());
     }
 
     #[test]
@@ -405,8 +677,44 @@ mod tests {
         assert!(
             matches!(validate(&long), Err(QemuError::InvalidSpec(m)) if m.contains("too long"))
         );
+        // The hybrid-vsock port listener and virtiofsd's socket count too.
+        let name_len = socket_names().iter().map(String::len).max().unwrap();
+        assert!(name_len >= VIRTIOFS_SOCKET.len());
+        let at_limit = |extra: usize| VmSpec {
+            run_dir: PathBuf::from(format!(
+                "/{}",
+                "r".repeat(MAX_SOCKET_PATH - name_len - 2 + extra)
+            )),
+            ..s.clone()
+        };
+        assert!(
+            !matches!(validate(&at_limit(0)), Err(QemuError::InvalidSpec(m)) if m.contains("too long"))
+        );
+        assert!(
+            matches!(validate(&at_limit(1)), Err(QemuError::InvalidSpec(m)) if m.contains("too long"))
+        );
+        let comma = VmSpec {
+            run_dir: dir.path().join("a,b"),
+            ..s.clone()
+        };
+        assert!(matches!(validate(&comma), Err(QemuError::InvalidSpec(m)) if m.contains("comma")));
         std::fs::write(&s.kernel, b"k").unwrap();
         std::fs::write(&s.initrd, b"i").unwrap();
+        assert!(validate(&s).is_ok());
+        for bad_share in [
+            dir.path().join("nope"),
+            PathBuf::from("relative"),
+            s.kernel.clone(),
+        ] {
+            let shared = VmSpec {
+                shared_dir: Some(bad_share),
+                ..s.clone()
+            };
+            assert!(
+                matches!(validate(&shared), Err(QemuError::InvalidSpec(m)) if m.contains("shared_dir"))
+            );
+        }
+        s.shared_dir = Some(dir.path().to_owned());
         assert!(validate(&s).is_ok());
         s.vcpus = 0;
         assert!(validate(&s).is_err());
