@@ -40,7 +40,7 @@ use crate::sandbox::{now_ns, SandboxError, Sandboxes};
 use crate::state::{RecordDir, StateError};
 
 /// Where the agent mounts the pod's virtio-fs share in the guest.
-pub const GUEST_SHARE_DIR: &str = "/run/carapace/shared";
+pub const GUEST_SHARE_DIR: &str = carapace_agent_api::SHARED_FS_MOUNT_POINT;
 
 /// How long the exit of a container waits for its log to catch up.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
