@@ -4,6 +4,7 @@
 pub mod agent_client;
 pub mod agent_ready;
 pub mod config;
+pub mod container;
 pub mod cri;
 pub mod host;
 pub mod image;

@@ -1,0 +1,3 @@
+//! Containers.
+
+pub mod spec;
