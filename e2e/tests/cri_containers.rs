@@ -199,7 +199,8 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
     assert_eq!(err.code(), Code::NotFound, "{err}");
 
     // A long-running container with a read-only volume.
-    let script = "echo hello; echo oops >&2; cat /etc/resolv.conf; cat /etc/hostname; \
+    let script =
+        "trap '' TERM; echo hello; echo oops >&2; cat /etc/resolv.conf; cat /etc/hostname; \
                   i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
     let mut app = container("app", &["sh", "-c", script], "app/0.log");
     app.mounts = vec![Mount {
@@ -339,7 +340,7 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
     .expect("ReopenContainerLog");
     wait_log(&log_path, "tick").await;
 
-    // Stop: sh as PID 1 ignores SIGTERM, so SIGKILL follows the timeout.
+    // Stop: the script ignores SIGTERM, so SIGKILL follows the timeout.
     let started = Instant::now();
     cri.stop_container(StopContainerRequest {
         container_id: app_id.clone(),

@@ -123,6 +123,15 @@ struct Entry {
 pub struct NewContainer {
     pub sandbox_id: String,
     pub config: ContainerConfig,
+    /// The pod's sysctls (from the request's sandbox config).
+    pub pod_sysctls: std::collections::BTreeMap<String, String>,
+}
+
+/// What a container takes from its pod.
+struct PodContext {
+    files: spec::SandboxFiles,
+    hostname: String,
+    sysctls: std::collections::BTreeMap<String, String>,
 }
 
 /// Output and exit code of ExecSync.
@@ -289,13 +298,14 @@ impl Containers {
             .sandboxes
             .get(&new.sandbox_id)
             .ok_or_else(|| SandboxError::NotFound(new.sandbox_id.clone()))?;
-        let (agent, share_root, log_directory, files) = {
+        let (agent, share_root, log_directory, hostname, files) = {
             let mut sandbox = sandbox.lock().await;
             let agent = self.sandboxes.agent(&mut sandbox).await?;
             (
                 agent,
                 sandbox.record.share_dir(),
                 sandbox.record.log_directory.clone(),
+                sandbox.record.hostname.clone(),
                 spec::SandboxFiles {
                     hostname: sandbox.record.files.hostname.clone(),
                     resolv_conf: sandbox.record.files.resolv_conf.clone(),
@@ -370,8 +380,13 @@ impl Containers {
             username: String::new(),
             stop_signal: parse_signal(&resolved.record.config.stop_signal).unwrap_or(SIGTERM),
         };
+        let pod = PodContext {
+            files,
+            hostname,
+            sysctls: new.pod_sysctls.clone(),
+        };
         match self
-            .create_in_guest(&agent, record, config, &resolved.record.config, &files)
+            .create_in_guest(&agent, record, config, &resolved.record.config, &pod)
             .await
         {
             Ok(record) => {
@@ -400,7 +415,7 @@ impl Containers {
         mut record: ContainerRecord,
         config: &ContainerConfig,
         image: &crate::image::manifest::ImageConfig,
-        files: &spec::SandboxFiles,
+        pod: &PodContext,
     ) -> Result<ContainerRecord, ContainerError> {
         let rootfs_target = record.share_dir.join("rootfs");
         let prepared = rootfs::prepare(
@@ -435,7 +450,9 @@ impl Containers {
                 image,
                 root_path: format!("{guest_dir}/rootfs"),
                 mounts: guest_mounts,
-                sandbox_files: files.clone(),
+                sandbox_files: pod.files.clone(),
+                pod_hostname: pod.hostname.clone(),
+                pod_sysctls: pod.sysctls.clone(),
             })?;
             record.process_json = process_of(&request)?;
             record.username = request.username.clone();
@@ -579,11 +596,15 @@ impl Containers {
         }
         record.state = ContainerState::Exited;
         record.exit_code = exit.exit_code;
-        record.finished_at_ns = if exit.finished_at_unix_nanos > 0 {
-            exit.finished_at_unix_nanos
-        } else {
-            now_ns()
-        };
+        // The guest's clock is its own (and drifts under emulation): its
+        // exit time is used only when it is plausible on the host's clock.
+        let now = now_ns();
+        record.finished_at_ns =
+            if (record.started_at_ns..=now).contains(&exit.finished_at_unix_nanos) {
+                exit.finished_at_unix_nanos
+            } else {
+                now
+            };
         record.reason = exit.reason.clone();
         if exit.signal != 0 {
             record.message = format!("killed by signal {}", exit.signal);

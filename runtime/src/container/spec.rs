@@ -662,13 +662,15 @@ fn process_user(
                 ),
             ))
         }
-        (_, Some(Id::Name(group))) => return Err(unsupported(
-            field,
-            format!(
+        (_, Some(Id::Name(group))) => {
+            return Err(unsupported(
+                field,
+                format!(
                 "group name {group:?} is not supported yet: the agent resolves user names only; \
                      use a numeric group"
             ),
-        )),
+            ))
+        }
     };
     if sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32 {
         return Err(unsupported(

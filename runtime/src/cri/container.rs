@@ -56,6 +56,11 @@ impl CriService {
             .create(NewContainer {
                 sandbox_id: request.pod_sandbox_id,
                 config,
+                pod_sysctls: request
+                    .sandbox_config
+                    .and_then(|c| c.linux)
+                    .map(|l| l.sysctls.into_iter().collect())
+                    .unwrap_or_default(),
             })
             .await?)
     }
