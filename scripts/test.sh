@@ -13,5 +13,7 @@ log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "build (the e2e tests drive the built binaries)"
 cargo build --workspace --bins --quiet
+log "busybox image (the virtio-fs test runs containers from it)"
+cargo xtask busybox-image >/dev/null
 log "tests (unit, kvm, e2e)"
 cargo nextest run --workspace --no-fail-fast

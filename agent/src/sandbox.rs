@@ -141,11 +141,15 @@ pub fn setup(req: &SetupSandboxRequest) -> Result<SetupSandboxResponse, SandboxE
             path: path.clone(),
             source,
         })?;
+        // Not nosuid: the containers' root filesystems live on the share
+        // (as submounts, which inherit these flags), and their set-id
+        // programs must work as under runc. nodev: the guest has no device
+        // cgroup, so a device node in an image must not open guest devices.
         nix::mount::mount(
             Some(fs.tag.as_str()),
             &path,
             Some("virtiofs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            MsFlags::MS_NODEV,
             None::<&str>,
         )
         .map_err(|source| SandboxError::Mount {

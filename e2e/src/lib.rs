@@ -108,6 +108,7 @@ pub struct TestVm {
     agent: AgentClient,
     first_health: HealthResponse,
     boot_time: Duration,
+    start_time: Duration,
 }
 
 impl TestVm {
@@ -134,11 +135,13 @@ impl TestVm {
             run_dir: run_dir.path().to_owned(),
             shared_dir: options.shared_dir,
         };
+        let start_called = std::time::Instant::now();
         let vm = driver.start(&spec).await.expect("starting the VM");
         let started = vm.started_at();
         match vm.wait_agent(BOOT_TIMEOUT).await {
             Ok((agent, first_health)) => TestVm {
                 boot_time: started.elapsed(),
+                start_time: start_called.elapsed(),
                 vm: Some(vm),
                 run_dir,
                 agent,
@@ -169,6 +172,12 @@ impl TestVm {
     /// From QEMU's start to the agent's first Health answer.
     pub fn boot_time(&self) -> Duration {
         self.boot_time
+    }
+
+    /// From the driver's `start()` (device backends included) to the
+    /// agent's first Health answer.
+    pub fn start_time(&self) -> Duration {
+        self.start_time
     }
 
     /// The guest's console output so far.

@@ -171,19 +171,27 @@ async fn shared_directory_reaches_the_guest_and_its_containers() {
     let _rootfs = Unmount(rootfs_target.clone());
 
     // (a) + (c): the container runs from the share and reads the file the
-    // host wrote before boot; the volume directory is still empty.
+    // host wrote before boot; the volume directory is still empty. Its root
+    // is a submount of the share: nodev, but set-id programs work.
     let (code, out) = run(
         grpc,
         "c1",
         spec_json(
             "containers/c1/rootfs",
-            "echo running from the share; cat /shared/hello.txt /shared/in-place.txt; \
+            "awk '$5 == \"/\" { print $6 }' /proc/self/mountinfo; \
+             echo running from the share; cat /shared/hello.txt /shared/in-place.txt; \
              ls -A /shared/volumes/late",
         ),
     )
     .await;
+    let (root_options, out) = out.split_once('\n').unwrap_or_default();
+    let root_options: Vec<&str> = root_options.split(',').collect();
+    assert!(
+        root_options.contains(&"nodev") && !root_options.contains(&"nosuid"),
+        "the container's root is mounted {root_options:?}"
+    );
     assert_eq!(
-        (code, out.as_str()),
+        (code, out),
         (
             0,
             "running from the share\nwritten on the host before boot\nfirst version\n"
