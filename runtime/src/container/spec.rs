@@ -83,13 +83,16 @@
 //! - AppArmor and SELinux settings are ignored: the guest kernel has
 //!   neither LSM, and the VM boundary is the isolation that matters.
 
+mod mounts;
+mod process;
+mod resources;
 mod seccomp;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use carapace_agent_api::v1::{CreateContainerRequest, NamespaceMode};
 use k8s_cri::v1 as cri;
-use serde_json::{json, Map, Value};
+use serde_json::json;
 
 use crate::image::manifest::ImageConfig;
 
@@ -287,19 +290,19 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
     let privileged = sc.privileged;
 
     let (pid_mode, ipc_mode) = namespace_modes(sc)?;
-    let args = process_args(config, input.image)?;
-    let env = environment(config, input.image, &input.pod_hostname)?;
-    let cwd = working_dir(config, input.image)?;
-    let user = process_user(sc, input.image)?;
-    let caps = capabilities(sc)?;
+    let args = process::args(config, input.image)?;
+    let env = process::environment(config, input.image, &input.pod_hostname)?;
+    let cwd = process::working_dir(config, input.image)?;
+    let user = process::user(sc, input.image)?;
+    let caps = process::capabilities(sc)?;
     let seccomp = if privileged {
         None
     } else {
         seccomp::profile(sc, &caps.bounding)?
     };
-    let (mounts, rootfs_propagation) = mounts(input, sc)?;
+    let (mounts, rootfs_propagation) = mounts::mounts(input, sc)?;
     let (resources, oom_score_adj) =
-        resources(config.linux.as_ref().and_then(|l| l.resources.as_ref()))?;
+        resources::resources(config.linux.as_ref().and_then(|l| l.resources.as_ref()))?;
 
     let mut process = json!({
         "terminal": config.tty,
@@ -331,12 +334,12 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
     }
     if !privileged {
         linux["namespaces"] = json!([{ "type": "cgroup" }]);
-        linux["maskedPaths"] = json!(path_list(
+        linux["maskedPaths"] = json!(mounts::path_list(
             "linux.security_context.masked_paths",
             &sc.masked_paths,
             &DEFAULT_MASKED_PATHS
         )?);
-        linux["readonlyPaths"] = json!(path_list(
+        linux["readonlyPaths"] = json!(mounts::path_list(
             "linux.security_context.readonly_paths",
             &sc.readonly_paths,
             &DEFAULT_READONLY_PATHS
@@ -452,615 +455,6 @@ fn namespace_modes(
     Ok((mode("pid", ns.pid)?, mode("ipc", ns.ipc)?))
 }
 
-/// Command and args as Kubernetes documents them (containerd's
-/// `WithProcessArgs`).
-fn process_args(
-    config: &cri::ContainerConfig,
-    image: &ImageConfig,
-) -> Result<Vec<String>, SpecError> {
-    let mut command = config.command.clone();
-    let mut args = config.args.clone();
-    if command.is_empty() {
-        if args.is_empty() {
-            args = image.cmd.clone();
-        }
-        let no_entrypoint = image.entrypoint.len() == 1 && image.entrypoint[0].is_empty();
-        if !no_entrypoint {
-            command = image.entrypoint.clone();
-        }
-    }
-    command.extend(args);
-    if command.is_empty() {
-        return Err(invalid(
-            "command",
-            "no command specified: neither command nor args is set, and the image has no Entrypoint or Cmd",
-        ));
-    }
-    if command[0].is_empty() {
-        return Err(invalid("command", "the executable (first word) is empty"));
-    }
-    if command.iter().any(|a| a.contains('\0')) {
-        return Err(invalid("command", "an argument contains a NUL byte"));
-    }
-    Ok(command)
-}
-
-/// A valid environment variable name, as Kubernetes defines it: printable
-/// ASCII but `=`.
-fn valid_env_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'=')
-}
-
-/// Environment variables in order of first appearance, later values
-/// replacing earlier ones (containerd's `WithEnv`).
-#[derive(Default)]
-struct Env {
-    entries: Vec<(String, Option<String>)>,
-}
-
-impl Env {
-    fn set(&mut self, key: &str, value: Option<&str>) {
-        let value = value.map(str::to_owned);
-        match self.entries.iter_mut().find(|(k, _)| k == key) {
-            Some(entry) => entry.1 = value,
-            None if value.is_some() => self.entries.push((key.to_owned(), value)),
-            None => {}
-        }
-    }
-
-    fn into_list(self) -> Vec<String> {
-        self.entries
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
-            .collect()
-    }
-}
-
-fn environment(
-    config: &cri::ContainerConfig,
-    image: &ImageConfig,
-    hostname: &str,
-) -> Result<Vec<String>, SpecError> {
-    let mut env = Env::default();
-    env.set("PATH", Some(DEFAULT_PATH));
-    if !hostname.is_empty() {
-        env.set("HOSTNAME", Some(hostname));
-    }
-    for entry in &image.env {
-        if entry.contains('\0') {
-            return Err(invalid(
-                "image config Env",
-                format!("{entry:?} contains a NUL byte"),
-            ));
-        }
-        match entry.split_once('=') {
-            Some((k, v)) => env.set(k, Some(v)),
-            // containerd: an entry without `=` unsets the variable.
-            None => env.set(entry, None),
-        }
-    }
-    for (i, kv) in config.envs.iter().enumerate() {
-        if !valid_env_name(&kv.key) {
-            return Err(invalid(
-                format!("envs[{i}].key"),
-                format!(
-                    "{:?} is not a valid variable name (printable ASCII other than '=')",
-                    kv.key
-                ),
-            ));
-        }
-        if kv.value.contains('\0') {
-            return Err(invalid(format!("envs[{i}].value"), "contains a NUL byte"));
-        }
-        env.set(&kv.key, Some(&kv.value));
-    }
-    Ok(env.into_list())
-}
-
-fn working_dir(config: &cri::ContainerConfig, image: &ImageConfig) -> Result<String, SpecError> {
-    let (field, dir) = if !config.working_dir.is_empty() {
-        ("working_dir", config.working_dir.as_str())
-    } else if !image.working_dir.is_empty() {
-        ("image config WorkingDir", image.working_dir.as_str())
-    } else {
-        return Ok("/".into());
-    };
-    if !dir.starts_with('/') || dir.contains('\0') {
-        return Err(invalid(field, format!("{dir:?} is not an absolute path")));
-    }
-    Ok(dir.to_owned())
-}
-
-/// Who the process runs as: numeric ids go into the spec, a user name to
-/// the agent (which resolves it in the container's /etc/passwd).
-#[derive(Debug, PartialEq, Eq)]
-struct ProcessUser {
-    uid: u32,
-    gid: u32,
-    username: Option<String>,
-    additional_gids: Vec<u32>,
-}
-
-/// One side of a `user[:group]` string.
-#[derive(Debug, PartialEq, Eq)]
-enum Id {
-    Number(u32),
-    Name(String),
-}
-
-fn parse_id(field: &str, s: &str) -> Result<Id, SpecError> {
-    if s.is_empty() || s.contains(['\0', '/', ':']) {
-        return Err(invalid(field, format!("{s:?} is not a user or group")));
-    }
-    if s.bytes().all(|b| b.is_ascii_digit()) {
-        return s
-            .parse()
-            .map(Id::Number)
-            .map_err(|_| invalid(field, format!("id {s} is out of range")));
-    }
-    Ok(Id::Name(s.to_owned()))
-}
-
-fn id_from_i64(field: &str, value: i64) -> Result<u32, SpecError> {
-    u32::try_from(value).map_err(|_| invalid(field, format!("id {value} is out of range")))
-}
-
-fn process_user(
-    sc: &cri::LinuxContainerSecurityContext,
-    image: &ImageConfig,
-) -> Result<ProcessUser, SpecError> {
-    const SC: &str = "linux.security_context";
-    let run_as_group = sc
-        .run_as_group
-        .as_ref()
-        .map(|g| id_from_i64("linux.security_context.run_as_group", g.value))
-        .transpose()?;
-    let (user, group, field) = if !sc.run_as_username.is_empty() {
-        if sc.run_as_user.is_some() {
-            return Err(invalid(
-                format!("{SC}.run_as_username"),
-                "run_as_user and run_as_username are mutually exclusive",
-            ));
-        }
-        let user = parse_id(
-            "linux.security_context.run_as_username",
-            &sc.run_as_username,
-        )?;
-        (user, run_as_group.map(Id::Number), "run_as_username")
-    } else if let Some(uid) = &sc.run_as_user {
-        let uid = id_from_i64("linux.security_context.run_as_user", uid.value)?;
-        (Id::Number(uid), run_as_group.map(Id::Number), "run_as_user")
-    } else if run_as_group.is_some() {
-        return Err(invalid(
-            format!("{SC}.run_as_group"),
-            "needs run_as_user or run_as_username",
-        ));
-    } else if image.user.is_empty() {
-        (Id::Number(0), None, "")
-    } else {
-        const FIELD: &str = "image config User";
-        match image.user.split_once(':') {
-            Some((u, g)) => (parse_id(FIELD, u)?, Some(parse_id(FIELD, g)?), "User"),
-            None => (parse_id(FIELD, &image.user)?, None, "User"),
-        }
-    };
-    let field = if field == "User" {
-        "image config User".to_owned()
-    } else {
-        format!("{SC}.{field}")
-    };
-    let (uid, gid, username) = match (user, group) {
-        (Id::Number(uid), None) => (uid, 0, None),
-        (Id::Number(uid), Some(Id::Number(gid))) => (uid, gid, None),
-        (Id::Name(name), None) => (0, 0, Some(name)),
-        (Id::Name(name), Some(Id::Number(gid))) => {
-            return Err(unsupported(
-                field,
-                format!(
-                    "user name {name:?} with group {gid} is not supported yet: the agent takes the \
-                     primary group of a named user from the container's /etc/passwd"
-                ),
-            ))
-        }
-        (_, Some(Id::Name(group))) => {
-            return Err(unsupported(
-                field,
-                format!(
-                "group name {group:?} is not supported yet: the agent resolves user names only; \
-                     use a numeric group"
-            ),
-            ))
-        }
-    };
-    if sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32 {
-        return Err(unsupported(
-            format!("{SC}.supplemental_groups_policy"),
-            "Strict is not supported yet: the agent always adds the user's /etc/group memberships",
-        ));
-    }
-    let mut additional_gids = BTreeSet::new();
-    for g in &sc.supplemental_groups {
-        additional_gids.insert(id_from_i64(
-            "linux.security_context.supplemental_groups",
-            *g,
-        )?);
-    }
-    Ok(ProcessUser {
-        uid,
-        gid,
-        username,
-        additional_gids: additional_gids.into_iter().collect(),
-    })
-}
-
-/// The capability sets of the process.
-#[derive(Debug, PartialEq, Eq)]
-struct Caps {
-    /// Bounding, effective and permitted.
-    bounding: BTreeSet<&'static str>,
-    /// Ambient and inheritable.
-    ambient: BTreeSet<&'static str>,
-}
-
-/// `CAP_X` for a CRI name (`X`, case-insensitive; a `CAP_` prefix is
-/// accepted too), or None for a capability the guest kernel does not know.
-fn capability(name: &str) -> Option<&'static str> {
-    let upper = name.to_ascii_uppercase();
-    let full = if upper.starts_with("CAP_") {
-        upper
-    } else {
-        format!("CAP_{upper}")
-    };
-    ALL_CAPABILITIES.iter().copied().find(|c| *c == full)
-}
-
-fn capabilities(sc: &cri::LinuxContainerSecurityContext) -> Result<Caps, SpecError> {
-    const FIELD: &str = "linux.security_context.capabilities";
-    if sc.privileged {
-        return Ok(Caps {
-            bounding: ALL_CAPABILITIES.into_iter().collect(),
-            ambient: BTreeSet::new(),
-        });
-    }
-    let mut set: BTreeSet<&'static str> = DEFAULT_CAPABILITIES.into_iter().collect();
-    let mut ambient = BTreeSet::new();
-    let Some(c) = &sc.capabilities else {
-        return Ok(Caps {
-            bounding: set,
-            ambient,
-        });
-    };
-    let is_all = |n: &String| n.eq_ignore_ascii_case("ALL");
-    if c.add_capabilities.iter().any(is_all) {
-        set = ALL_CAPABILITIES.into_iter().collect();
-    }
-    if c.drop_capabilities.iter().any(is_all) {
-        set.clear();
-    }
-    for name in c.add_capabilities.iter().filter(|n| !is_all(n)) {
-        let cap = capability(name).ok_or_else(|| {
-            invalid(
-                format!("{FIELD}.add_capabilities"),
-                format!("unknown capability {name:?}"),
-            )
-        })?;
-        set.insert(cap);
-    }
-    // Dropping a capability nobody knows leaves nothing to drop (as with
-    // containerd, where it is a no-op too).
-    for name in c.drop_capabilities.iter().filter(|n| !is_all(n)) {
-        if let Some(cap) = capability(name) {
-            set.remove(cap);
-        }
-    }
-    for name in &c.add_ambient_capabilities {
-        let field = format!("{FIELD}.add_ambient_capabilities");
-        let cap = capability(name)
-            .ok_or_else(|| invalid(&field, format!("unknown capability {name:?}")))?;
-        if !set.contains(cap) {
-            return Err(invalid(
-                field,
-                format!("{cap} is not among the container's capabilities (add it with add_capabilities)"),
-            ));
-        }
-        ambient.insert(cap);
-    }
-    Ok(Caps {
-        bounding: set,
-        ambient,
-    })
-}
-
-/// A container path as the mount logic compares it: absolute, no `..`, no
-/// `.` or empty components, no trailing slash.
-fn clean_container_path(field: &str, path: &str) -> Result<String, SpecError> {
-    if !path.starts_with('/') {
-        return Err(invalid(field, format!("{path:?} is not an absolute path")));
-    }
-    if path.contains('\0') {
-        return Err(invalid(field, format!("{path:?} contains a NUL byte")));
-    }
-    let mut clean = String::new();
-    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
-        if part == ".." {
-            return Err(invalid(field, format!("{path:?} contains \"..\"")));
-        }
-        clean.push('/');
-        clean.push_str(part);
-    }
-    if clean.is_empty() {
-        clean.push('/');
-    }
-    Ok(clean)
-}
-
-/// Number of components, for containerd's mount order.
-fn depth(path: &str) -> usize {
-    path.matches('/').count()
-}
-
-/// A mount the container gets from outside its image.
-struct BindMount {
-    destination: String,
-    source: String,
-    readonly: bool,
-    propagation: &'static str,
-}
-
-/// The default mounts (containerd's, without /run, with cgroup2).
-fn default_mounts(privileged: bool) -> Vec<Value> {
-    let sys_mode = if privileged { "rw" } else { "ro" };
-    vec![
-        json!({"destination": "/proc", "type": "proc", "source": "proc",
-               "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-               "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
-        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-               "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-               "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
-        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-               "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-               "options": ["nosuid", "noexec", "nodev", sys_mode]}),
-        json!({"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup2",
-               "options": ["nosuid", "noexec", "nodev", "relatime", sys_mode]}),
-    ]
-}
-
-/// The spec's mounts and the rootfs propagation they need.
-fn mounts(
-    input: &SpecInput,
-    sc: &cri::LinuxContainerSecurityContext,
-) -> Result<(Vec<Value>, Option<&'static str>), SpecError> {
-    let mut binds = Vec::new();
-    for (i, m) in input.mounts.iter().enumerate() {
-        let destination =
-            clean_container_path(&format!("mounts[{i}].container_path"), &m.container_path)?;
-        if destination == "/" {
-            return Err(invalid(
-                format!("mounts[{i}].container_path"),
-                "cannot mount over the container's root",
-            ));
-        }
-        let source = clean_container_path(&format!("mounts[{i}] guest source"), &m.guest_source)?;
-        let propagation = match cri::MountPropagation::try_from(m.propagation) {
-            Ok(cri::MountPropagation::PropagationPrivate) => "rprivate",
-            Ok(cri::MountPropagation::PropagationHostToContainer) => "rslave",
-            Ok(cri::MountPropagation::PropagationBidirectional) => "rshared",
-            Err(_) => {
-                return Err(invalid(
-                    format!("mounts[{i}].propagation"),
-                    format!("unknown mount propagation {}", m.propagation),
-                ))
-            }
-        };
-        binds.push(BindMount {
-            destination,
-            source,
-            readonly: m.readonly,
-            propagation,
-        });
-    }
-    let files = &input.sandbox_files;
-    for (destination, source) in [
-        ("/etc/hostname", &files.hostname),
-        ("/etc/hosts", &files.hosts),
-        ("/etc/resolv.conf", &files.resolv_conf),
-    ] {
-        if source.is_empty() || binds.iter().any(|b| b.destination == destination) {
-            continue;
-        }
-        let source = clean_container_path(&format!("sandbox file for {destination}"), source)?;
-        binds.push(BindMount {
-            destination: destination.to_owned(),
-            source,
-            readonly: sc.readonly_rootfs,
-            propagation: "rprivate",
-        });
-    }
-    // Parents before children, so that no mount hides another.
-    binds.sort_by_key(|b| depth(&b.destination));
-
-    let supplied: BTreeSet<&str> = binds.iter().map(|b| b.destination.as_str()).collect();
-    let dev_supplied = supplied.contains("/dev");
-    let mut out: Vec<Value> = default_mounts(sc.privileged)
-        .into_iter()
-        .filter(|m| {
-            let dest = m["destination"].as_str().unwrap_or_default();
-            !supplied.contains(dest) && !(dev_supplied && dest.starts_with("/dev/"))
-        })
-        .collect();
-    let mut rootfs_propagation = None;
-    for b in &binds {
-        match b.propagation {
-            "rshared" => rootfs_propagation = Some("rshared"),
-            "rslave" if rootfs_propagation.is_none() => rootfs_propagation = Some("rslave"),
-            _ => {}
-        }
-        out.push(json!({
-            "destination": b.destination,
-            "type": "bind",
-            "source": b.source,
-            "options": ["rbind", b.propagation, if b.readonly { "ro" } else { "rw" }],
-        }));
-    }
-    Ok((out, rootfs_propagation))
-}
-
-/// CRI's masked or read-only paths, or containerd's defaults when it sends
-/// none.
-fn path_list(field: &str, given: &[String], defaults: &[&str]) -> Result<Vec<String>, SpecError> {
-    if given.is_empty() {
-        return Ok(defaults.iter().map(|p| p.to_string()).collect());
-    }
-    given
-        .iter()
-        .map(|p| clean_container_path(field, p))
-        .collect()
-}
-
-fn is_cpuset(s: &str) -> bool {
-    s.split(',').all(|range| {
-        let mut ends = range.splitn(2, '-');
-        ends.all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    })
-}
-
-fn is_page_size(s: &str) -> bool {
-    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = &s[digits.len()..];
-    !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && matches!(unit, "KB" | "MB" | "GB" | "TB" | "PB")
-}
-
-/// `linux.resources` (only what CRI sets: the agent needs cgroups for any
-/// section present) and the OOM score adjustment.
-fn resources(
-    r: Option<&cri::LinuxContainerResources>,
-) -> Result<(Option<Value>, Option<i32>), SpecError> {
-    const FIELD: &str = "linux.resources";
-    let Some(r) = r else {
-        return Ok((None, None));
-    };
-    let negative = |name: &str, v: i64| -> Result<(), SpecError> {
-        if v < 0 {
-            Err(invalid(
-                format!("{FIELD}.{name}"),
-                format!("{v} is negative"),
-            ))
-        } else {
-            Ok(())
-        }
-    };
-    let mut out = Map::new();
-
-    let mut cpu = Map::new();
-    negative("cpu_shares", r.cpu_shares)?;
-    negative("cpu_period", r.cpu_period)?;
-    if r.cpu_shares > 0 {
-        cpu.insert("shares".into(), json!(r.cpu_shares));
-    }
-    if r.cpu_quota != 0 {
-        cpu.insert("quota".into(), json!(r.cpu_quota));
-    }
-    if r.cpu_period > 0 {
-        cpu.insert("period".into(), json!(r.cpu_period));
-    }
-    for (name, value, key) in [
-        ("cpuset_cpus", &r.cpuset_cpus, "cpus"),
-        ("cpuset_mems", &r.cpuset_mems, "mems"),
-    ] {
-        if value.is_empty() {
-            continue;
-        }
-        if !is_cpuset(value) {
-            return Err(invalid(
-                format!("{FIELD}.{name}"),
-                format!("{value:?} is not a list of ranges like 0-3,5"),
-            ));
-        }
-        cpu.insert(key.into(), json!(value));
-    }
-    if !cpu.is_empty() {
-        out.insert("cpu".into(), Value::Object(cpu));
-    }
-
-    let mut memory = Map::new();
-    negative("memory_limit_in_bytes", r.memory_limit_in_bytes)?;
-    if r.memory_limit_in_bytes > 0 {
-        memory.insert("limit".into(), json!(r.memory_limit_in_bytes));
-    }
-    match r.memory_swap_limit_in_bytes {
-        0 if r.memory_limit_in_bytes > 0 => {
-            // No swap by default (memory+swap = memory), as containerd.
-            memory.insert("swap".into(), json!(r.memory_limit_in_bytes));
-        }
-        0 => {}
-        -1 => {
-            memory.insert("swap".into(), json!(-1));
-        }
-        s if s > 0 => {
-            if r.memory_limit_in_bytes > 0 && s < r.memory_limit_in_bytes {
-                return Err(invalid(
-                    format!("{FIELD}.memory_swap_limit_in_bytes"),
-                    format!("{s} is below the memory limit {}", r.memory_limit_in_bytes),
-                ));
-            }
-            memory.insert("swap".into(), json!(s));
-        }
-        s => {
-            return Err(invalid(
-                format!("{FIELD}.memory_swap_limit_in_bytes"),
-                format!("{s} is negative"),
-            ))
-        }
-    }
-    if !memory.is_empty() {
-        out.insert("memory".into(), Value::Object(memory));
-    }
-
-    let mut hugepages = Vec::new();
-    for h in &r.hugepage_limits {
-        if !is_page_size(&h.page_size) {
-            return Err(invalid(
-                format!("{FIELD}.hugepage_limits"),
-                format!("page size {:?} is not like 2MB or 1GB", h.page_size),
-            ));
-        }
-        hugepages.push(json!({ "pageSize": h.page_size, "limit": h.limit }));
-    }
-    if !hugepages.is_empty() {
-        out.insert("hugepageLimits".into(), json!(hugepages));
-    }
-
-    if !r.unified.is_empty() {
-        for key in r.unified.keys() {
-            if key.contains('/') || key.starts_with('.') || !key.contains('.') {
-                return Err(invalid(
-                    format!("{FIELD}.unified"),
-                    format!("{key:?} is not a cgroup v2 file name like memory.high"),
-                ));
-            }
-        }
-        let unified: BTreeMap<&String, &String> = r.unified.iter().collect();
-        out.insert("unified".into(), json!(unified));
-    }
-
-    let adj = i32::try_from(r.oom_score_adj)
-        .ok()
-        .filter(|a| (-1000..=1000).contains(a))
-        .ok_or_else(|| {
-            invalid(
-                format!("{FIELD}.oom_score_adj"),
-                format!("{} is outside -1000..=1000", r.oom_score_adj),
-            )
-        })?;
-    let out = (!out.is_empty()).then_some(Value::Object(out));
-    Ok((out, Some(adj)))
-}
-
 /// Whether a sysctl is one of the IPC namespace's.
 fn is_ipc_sysctl(key: &str) -> bool {
     key.starts_with("kernel.shm")
@@ -1130,11 +524,15 @@ fn annotations(config: &cri::ContainerConfig, name: &str) -> BTreeMap<String, St
 
 #[cfg(test)]
 mod tests {
+    use super::process::{self, capabilities, environment, valid_env_name, ProcessUser};
+    use super::resources::resources;
     use super::*;
     use cri::{
         Capability, ContainerMetadata, Int64Value, KeyValue, LinuxContainerConfig,
         LinuxContainerResources, LinuxContainerSecurityContext, NamespaceOption,
     };
+    use serde_json::Value;
+    use std::collections::BTreeSet;
 
     fn image() -> ImageConfig {
         ImageConfig {
@@ -1240,7 +638,7 @@ mod tests {
             args: args.iter().map(|s| s.to_string()).collect(),
             ..config()
         };
-        process_args(&c, image).map_err(|e| e.to_string())
+        process::args(&c, image).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -1399,7 +797,7 @@ mod tests {
             user: image_user.into(),
             ..image()
         };
-        process_user(&sc, &img).map_err(|e| e.to_string())
+        process::user(&sc, &img).map_err(|e| e.to_string())
     }
 
     fn ids(uid: u32, gid: u32, username: Option<&str>) -> ProcessUser {
