@@ -15,9 +15,13 @@
 //!   earlier one in place, an image entry without `=` removes the key.
 //! - **cwd**: `working_dir`, else the image's WorkingDir, else `/`.
 //! - **user**: `run_as_username` or `run_as_user` (+ `run_as_group`), else
-//!   the image's User (`uid`, `uid:gid`, `name`, `name:group`); a name is
-//!   resolved by the agent in the container's `/etc/passwd`;
-//!   `supplemental_groups` become additional gids (sorted, deduplicated).
+//!   the image's User (`uid`, `uid:gid`, `name`); a name is resolved by
+//!   the agent in the container's `/etc/passwd`; `supplemental_groups`
+//!   become additional gids (sorted, deduplicated). Not yet expressible to
+//!   the agent, so refused: a user name with an explicit group, a group
+//!   name, `supplemental_groups_policy: Strict`. A numeric uid without a
+//!   group runs with gid 0, where containerd takes the gid of the uid's
+//!   `/etc/passwd` entry.
 //! - **capabilities**: containerd's 14 defaults, then `add` (`ALL` first),
 //!   then `drop` (`ALL` first); bounding = effective = permitted, for root
 //!   and non-root alike (as containerd, unlike Docker, does); inheritable
@@ -170,7 +174,10 @@ fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> SpecError
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// RLIMIT_NOFILE (soft = hard) of every container; see the module
-/// documentation.
+/// documentation. Raising the hard limit needs CAP_SYS_RESOURCE in the
+/// agent (PID 1 of the guest has it; an agent run on a host without it
+/// fails the create with EPERM) and `fs.nr_open` at least this (the
+/// kernel's default is exactly this).
 pub const NOFILE_LIMIT: u64 = 1_048_576;
 
 /// containerd's default capabilities (`pkg/oci`, unchanged through 2.x).
