@@ -295,6 +295,7 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
         .and_then(|l| l.security_context.as_ref())
         .unwrap_or(&default_sc);
     let privileged = sc.privileged;
+    validate_hostname(&input.pod_hostname)?;
 
     let (pid_mode, ipc_mode) = namespace_modes(sc)?;
     let args = process::args(config, input.image)?;
@@ -396,6 +397,22 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
         ipc_mode: ipc_mode as i32,
         stdin: config.stdin,
     })
+}
+
+/// The agent's rule for hostnames (empty: the VM's stays).
+fn validate_hostname(name: &str) -> Result<(), SpecError> {
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "sandbox config hostname",
+            format!("{name:?} is not a valid hostname"),
+        ))
+    }
 }
 
 /// The agent's rule for container ids (they become cgroup names).
@@ -1629,6 +1646,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("container id:"));
+        let mut inp = input(&c, &img);
+        inp.pod_hostname = "bad name".into();
+        assert!(agent_request(&inp)
+            .unwrap_err()
+            .to_string()
+            .starts_with("sandbox config hostname:"));
         let mut inp = input(&c, &img);
         inp.root_path = String::new();
         assert!(agent_request(&inp)

@@ -52,7 +52,7 @@ pub(super) fn valid_env_name(name: &str) -> bool {
 /// Environment variables in order of first appearance, later values
 /// replacing earlier ones (containerd's `WithEnv`).
 #[derive(Default)]
-pub(super) struct Env {
+struct Env {
     entries: Vec<(String, Option<String>)>,
 }
 
@@ -144,12 +144,12 @@ pub(super) struct ProcessUser {
 
 /// One side of a `user[:group]` string.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Id {
+enum Id {
     Number(u32),
     Name(String),
 }
 
-pub(super) fn parse_id(field: &str, s: &str) -> Result<Id, SpecError> {
+fn parse_id(field: &str, s: &str) -> Result<Id, SpecError> {
     if s.is_empty() || s.contains(['\0', '/', ':']) {
         return Err(invalid(field, format!("{s:?} is not a user or group")));
     }
@@ -162,7 +162,7 @@ pub(super) fn parse_id(field: &str, s: &str) -> Result<Id, SpecError> {
     Ok(Id::Name(s.to_owned()))
 }
 
-pub(super) fn id_from_i64(field: &str, value: i64) -> Result<u32, SpecError> {
+fn id_from_i64(field: &str, value: i64) -> Result<u32, SpecError> {
     u32::try_from(value).map_err(|_| invalid(field, format!("id {value} is out of range")))
 }
 
@@ -261,7 +261,7 @@ pub(super) struct Caps {
 
 /// `CAP_X` for a CRI name (`X`, case-insensitive; a `CAP_` prefix is
 /// accepted too), or None for a capability the guest kernel does not know.
-pub(super) fn capability(name: &str) -> Option<&'static str> {
+fn capability(name: &str) -> Option<&'static str> {
     let upper = name.to_ascii_uppercase();
     let full = if upper.starts_with("CAP_") {
         upper
