@@ -53,9 +53,10 @@
 //!   set equal to it, i.e. no swap, when CRI gives none), hugepage limits,
 //!   `unified`, `oom_score_adj`. k8s-cri 0.11's `LinuxContainerResources`
 //!   has no pids limit.
-//! - **annotations**: the CRI annotations, then
-//!   `io.kubernetes.cri.container-type=container`, `...container-name` and
-//!   `...image-name`.
+//! - **annotations**: `io.kubernetes.cri.container-type=container`,
+//!   `...container-name` and `...image-name`, over all the CRI annotations
+//!   (containerd passes only those its runtime config allows; the agent
+//!   reads none).
 //!
 //! # Chosen here
 //! - **rlimits**: containerd's CRI plugin removes all rlimits from the spec,
