@@ -15,9 +15,13 @@
 //!   earlier one in place, an image entry without `=` removes the key.
 //! - **cwd**: `working_dir`, else the image's WorkingDir, else `/`.
 //! - **user**: `run_as_username` or `run_as_user` (+ `run_as_group`), else
-//!   the image's User (`uid`, `uid:gid`, `name`, `name:group`); a name is
-//!   resolved by the agent in the container's `/etc/passwd`;
-//!   `supplemental_groups` become additional gids (sorted, deduplicated).
+//!   the image's User (`uid`, `uid:gid`, `name`); a name is resolved by
+//!   the agent in the container's `/etc/passwd`; `supplemental_groups`
+//!   become additional gids (sorted, deduplicated). Not yet expressible to
+//!   the agent, so refused: a user name with an explicit group, a group
+//!   name, `supplemental_groups_policy: Strict`. A numeric uid without a
+//!   group runs with gid 0, where containerd takes the gid of the uid's
+//!   `/etc/passwd` entry.
 //! - **capabilities**: containerd's 14 defaults, then `add` (`ALL` first),
 //!   then `drop` (`ALL` first); bounding = effective = permitted, for root
 //!   and non-root alike (as containerd, unlike Docker, does); inheritable
@@ -49,9 +53,10 @@
 //!   set equal to it, i.e. no swap, when CRI gives none), hugepage limits,
 //!   `unified`, `oom_score_adj`. k8s-cri 0.11's `LinuxContainerResources`
 //!   has no pids limit.
-//! - **annotations**: the CRI annotations, then
-//!   `io.kubernetes.cri.container-type=container`, `...container-name` and
-//!   `...image-name`.
+//! - **annotations**: `io.kubernetes.cri.container-type=container`,
+//!   `...container-name` and `...image-name`, over all the CRI annotations
+//!   (containerd passes only those its runtime config allows; the agent
+//!   reads none).
 //!
 //! # Chosen here
 //! - **rlimits**: containerd's CRI plugin removes all rlimits from the spec,
@@ -170,7 +175,10 @@ fn unsupported(field: impl Into<String>, reason: impl Into<String>) -> SpecError
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// RLIMIT_NOFILE (soft = hard) of every container; see the module
-/// documentation.
+/// documentation. Raising the hard limit needs CAP_SYS_RESOURCE in the
+/// agent (PID 1 of the guest has it; an agent run on a host without it
+/// fails the create with EPERM) and `fs.nr_open` at least this (the
+/// kernel's default is exactly this).
 pub const NOFILE_LIMIT: u64 = 1_048_576;
 
 /// containerd's default capabilities (`pkg/oci`, unchanged through 2.x).
@@ -288,6 +296,7 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
         .and_then(|l| l.security_context.as_ref())
         .unwrap_or(&default_sc);
     let privileged = sc.privileged;
+    validate_hostname(&input.pod_hostname)?;
 
     let (pid_mode, ipc_mode) = namespace_modes(sc)?;
     let args = process::args(config, input.image)?;
@@ -389,6 +398,22 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
         ipc_mode: ipc_mode as i32,
         stdin: config.stdin,
     })
+}
+
+/// The agent's rule for hostnames (empty: the VM's stays).
+fn validate_hostname(name: &str) -> Result<(), SpecError> {
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "sandbox config hostname",
+            format!("{name:?} is not a valid hostname"),
+        ))
+    }
 }
 
 /// The agent's rule for container ids (they become cgroup names).
@@ -1622,6 +1647,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("container id:"));
+        let mut inp = input(&c, &img);
+        inp.pod_hostname = "bad name".into();
+        assert!(agent_request(&inp)
+            .unwrap_err()
+            .to_string()
+            .starts_with("sandbox config hostname:"));
         let mut inp = input(&c, &img);
         inp.root_path = String::new();
         assert!(agent_request(&inp)

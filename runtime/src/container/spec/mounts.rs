@@ -10,7 +10,7 @@ use super::{invalid, SpecError, SpecInput};
 
 /// A container path as the mount logic compares it: absolute, no `..`, no
 /// `.` or empty components, no trailing slash.
-pub(super) fn clean_container_path(field: &str, path: &str) -> Result<String, SpecError> {
+fn clean_path(field: &str, path: &str) -> Result<String, SpecError> {
     if !path.starts_with('/') {
         return Err(invalid(field, format!("{path:?} is not an absolute path")));
     }
@@ -32,12 +32,12 @@ pub(super) fn clean_container_path(field: &str, path: &str) -> Result<String, Sp
 }
 
 /// Number of components, for containerd's mount order.
-pub(super) fn depth(path: &str) -> usize {
+fn depth(path: &str) -> usize {
     path.matches('/').count()
 }
 
 /// A mount the container gets from outside its image.
-pub(super) struct BindMount {
+struct BindMount {
     destination: String,
     source: String,
     readonly: bool,
@@ -45,7 +45,7 @@ pub(super) struct BindMount {
 }
 
 /// The default mounts (containerd's, without /run, with cgroup2).
-pub(super) fn default_mounts(privileged: bool) -> Vec<Value> {
+fn default_mounts(privileged: bool) -> Vec<Value> {
     let sys_mode = if privileged { "rw" } else { "ro" };
     vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc",
@@ -72,15 +72,14 @@ pub(super) fn mounts(
 ) -> Result<(Vec<Value>, Option<&'static str>), SpecError> {
     let mut binds = Vec::new();
     for (i, m) in input.mounts.iter().enumerate() {
-        let destination =
-            clean_container_path(&format!("mounts[{i}].container_path"), &m.container_path)?;
+        let destination = clean_path(&format!("mounts[{i}].container_path"), &m.container_path)?;
         if destination == "/" {
             return Err(invalid(
                 format!("mounts[{i}].container_path"),
                 "cannot mount over the container's root",
             ));
         }
-        let source = clean_container_path(&format!("mounts[{i}] guest source"), &m.guest_source)?;
+        let source = clean_path(&format!("mounts[{i}] guest source"), &m.guest_source)?;
         let propagation = match cri::MountPropagation::try_from(m.propagation) {
             Ok(cri::MountPropagation::PropagationPrivate) => "rprivate",
             Ok(cri::MountPropagation::PropagationHostToContainer) => "rslave",
@@ -108,7 +107,7 @@ pub(super) fn mounts(
         if source.is_empty() || binds.iter().any(|b| b.destination == destination) {
             continue;
         }
-        let source = clean_container_path(&format!("sandbox file for {destination}"), source)?;
+        let source = clean_path(&format!("sandbox file for {destination}"), source)?;
         binds.push(BindMount {
             destination: destination.to_owned(),
             source,
@@ -155,8 +154,5 @@ pub(super) fn path_list(
     if given.is_empty() {
         return Ok(defaults.iter().map(|p| p.to_string()).collect());
     }
-    given
-        .iter()
-        .map(|p| clean_container_path(field, p))
-        .collect()
+    given.iter().map(|p| clean_path(field, p)).collect()
 }

@@ -52,7 +52,7 @@ pub(super) fn valid_env_name(name: &str) -> bool {
 /// Environment variables in order of first appearance, later values
 /// replacing earlier ones (containerd's `WithEnv`).
 #[derive(Default)]
-pub(super) struct Env {
+struct Env {
     entries: Vec<(String, Option<String>)>,
 }
 
@@ -144,12 +144,12 @@ pub(super) struct ProcessUser {
 
 /// One side of a `user[:group]` string.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Id {
+enum Id {
     Number(u32),
     Name(String),
 }
 
-pub(super) fn parse_id(field: &str, s: &str) -> Result<Id, SpecError> {
+fn parse_id(field: &str, s: &str) -> Result<Id, SpecError> {
     if s.is_empty() || s.contains(['\0', '/', ':']) {
         return Err(invalid(field, format!("{s:?} is not a user or group")));
     }
@@ -162,7 +162,7 @@ pub(super) fn parse_id(field: &str, s: &str) -> Result<Id, SpecError> {
     Ok(Id::Name(s.to_owned()))
 }
 
-pub(super) fn id_from_i64(field: &str, value: i64) -> Result<u32, SpecError> {
+fn id_from_i64(field: &str, value: i64) -> Result<u32, SpecError> {
     u32::try_from(value).map_err(|_| invalid(field, format!("id {value} is out of range")))
 }
 
@@ -170,46 +170,42 @@ pub(super) fn user(
     sc: &cri::LinuxContainerSecurityContext,
     image: &ImageConfig,
 ) -> Result<ProcessUser, SpecError> {
-    const SC: &str = "linux.security_context";
+    const USERNAME: &str = "linux.security_context.run_as_username";
+    const UID: &str = "linux.security_context.run_as_user";
+    const GID: &str = "linux.security_context.run_as_group";
+    const IMAGE: &str = "image config User";
     let run_as_group = sc
         .run_as_group
         .as_ref()
-        .map(|g| id_from_i64("linux.security_context.run_as_group", g.value))
+        .map(|g| id_from_i64(GID, g.value).map(Id::Number))
         .transpose()?;
-    let (user, group, field) = if !sc.run_as_username.is_empty() {
+    // containerd's order: the CRI user name, the CRI uid, the image's User.
+    let (field, user, group) = if !sc.run_as_username.is_empty() {
         if sc.run_as_user.is_some() {
             return Err(invalid(
-                format!("{SC}.run_as_username"),
+                USERNAME,
                 "run_as_user and run_as_username are mutually exclusive",
             ));
         }
-        let user = parse_id(
-            "linux.security_context.run_as_username",
-            &sc.run_as_username,
-        )?;
-        (user, run_as_group.map(Id::Number), "run_as_username")
+        (
+            USERNAME,
+            parse_id(USERNAME, &sc.run_as_username)?,
+            run_as_group,
+        )
     } else if let Some(uid) = &sc.run_as_user {
-        let uid = id_from_i64("linux.security_context.run_as_user", uid.value)?;
-        (Id::Number(uid), run_as_group.map(Id::Number), "run_as_user")
+        (UID, Id::Number(id_from_i64(UID, uid.value)?), run_as_group)
     } else if run_as_group.is_some() {
-        return Err(invalid(
-            format!("{SC}.run_as_group"),
-            "needs run_as_user or run_as_username",
-        ));
+        return Err(invalid(GID, "needs run_as_user or run_as_username"));
     } else if image.user.is_empty() {
-        (Id::Number(0), None, "")
+        (IMAGE, Id::Number(0), None)
     } else {
-        const FIELD: &str = "image config User";
         match image.user.split_once(':') {
-            Some((u, g)) => (parse_id(FIELD, u)?, Some(parse_id(FIELD, g)?), "User"),
-            None => (parse_id(FIELD, &image.user)?, None, "User"),
+            Some((u, g)) => (IMAGE, parse_id(IMAGE, u)?, Some(parse_id(IMAGE, g)?)),
+            None => (IMAGE, parse_id(IMAGE, &image.user)?, None),
         }
     };
-    let field = if field == "User" {
-        "image config User".to_owned()
-    } else {
-        format!("{SC}.{field}")
-    };
+    // A numeric uid alone runs with gid 0 (containerd would take the gid
+    // of the uid's /etc/passwd entry; the agent has no way to ask for it).
     let (uid, gid, username) = match (user, group) {
         (Id::Number(uid), None) => (uid, 0, None),
         (Id::Number(uid), Some(Id::Number(gid))) => (uid, gid, None),
@@ -218,8 +214,8 @@ pub(super) fn user(
             return Err(unsupported(
                 field,
                 format!(
-                    "user name {name:?} with group {gid} is not supported yet: the agent takes the \
-                     primary group of a named user from the container's /etc/passwd"
+                    "user name {name:?} with group {gid} is not supported yet: the agent takes \
+                     the primary group of a named user from the container's /etc/passwd"
                 ),
             ))
         }
@@ -227,15 +223,15 @@ pub(super) fn user(
             return Err(unsupported(
                 field,
                 format!(
-                "group name {group:?} is not supported yet: the agent resolves user names only; \
-                     use a numeric group"
-            ),
+                    "group name {group:?} is not supported yet: the agent resolves user names \
+                     only; use a numeric group"
+                ),
             ))
         }
     };
     if sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32 {
         return Err(unsupported(
-            format!("{SC}.supplemental_groups_policy"),
+            "linux.security_context.supplemental_groups_policy",
             "Strict is not supported yet: the agent always adds the user's /etc/group memberships",
         ));
     }
@@ -265,7 +261,7 @@ pub(super) struct Caps {
 
 /// `CAP_X` for a CRI name (`X`, case-insensitive; a `CAP_` prefix is
 /// accepted too), or None for a capability the guest kernel does not know.
-pub(super) fn capability(name: &str) -> Option<&'static str> {
+fn capability(name: &str) -> Option<&'static str> {
     let upper = name.to_ascii_uppercase();
     let full = if upper.starts_with("CAP_") {
         upper

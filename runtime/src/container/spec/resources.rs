@@ -7,14 +7,14 @@ use serde_json::{json, Map, Value};
 
 use super::{invalid, SpecError};
 
-pub(super) fn is_cpuset(s: &str) -> bool {
+fn is_cpuset(s: &str) -> bool {
     s.split(',').all(|range| {
         let mut ends = range.splitn(2, '-');
         ends.all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     })
 }
 
-pub(super) fn is_page_size(s: &str) -> bool {
+fn is_page_size(s: &str) -> bool {
     let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
     let unit = &s[digits.len()..];
     !digits.is_empty()
