@@ -219,6 +219,11 @@ impl Cgroup {
                 if file == "memory.swap.max" && (value == "0" || value == "max") {
                     continue;
                 }
+                // kubelet sends a zero limit for every huge page size the
+                // host has; a size the guest lacks cannot be used anyway.
+                if file.starts_with("hugetlb.") && value == "0" {
+                    continue;
+                }
                 return Err(CgroupError::Unsupported(file));
             }
             write(&path, &value)?;
@@ -348,6 +353,33 @@ mod tests {
 
     fn resources(json: &str) -> LinuxResources {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn zero_limits_of_absent_controls_are_skipped_others_refused() {
+        // A directory with only the files a guest without hugetlb and swap
+        // has.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("memory.max"), "max").unwrap();
+        let cg = Cgroup {
+            path: dir.path().to_owned(),
+        };
+        let kubelet_like = resources(
+            r#"{"memory":{"limit":1048576,"swap":1048576},
+                "hugepageLimits":[{"pageSize":"2MB","limit":0},{"pageSize":"1GB","limit":0}]}"#,
+        );
+        // swap == limit: no swap (written as 0).
+        cg.apply(&kubelet_like).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("memory.max")).unwrap(),
+            "1048576"
+        );
+        let wants_hugepages =
+            resources(r#"{"hugepageLimits":[{"pageSize":"2MB","limit":2097152}]}"#);
+        assert!(matches!(
+            cg.apply(&wants_hugepages),
+            Err(CgroupError::Unsupported(f)) if f == "hugetlb.2MB.max"
+        ));
     }
 
     #[test]

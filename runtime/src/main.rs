@@ -214,6 +214,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cri::serve(&config.socket, service, images, shutdown).await
 }
 
+/// How the host's cgroups are mounted (kubelet must use the same driver).
+fn cgroup_layout() -> &'static str {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        "v2 (unified hierarchy)"
+    } else if root.join("unified").is_dir() {
+        "hybrid (v1 controllers, v2 at /sys/fs/cgroup/unified)"
+    } else if root.is_dir() {
+        "v1"
+    } else {
+        "none mounted"
+    }
+}
+
 async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let kvm = KvmKind::detect();
     println!("kvm:     {}", kvm.describe());
@@ -222,9 +236,41 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         Ok(d) => println!("driver:  qemu ({:?})", d.accel()),
         Err(e) => println!("driver:  qemu unavailable: {e}"),
     }
+    let mut missing = Vec::new();
     for (what, path) in [("kernel", &args.kernel), ("initrd", &args.initrd)] {
-        let state = if path.is_file() { "ok" } else { "MISSING" };
+        let state = if path.is_file() {
+            "ok"
+        } else {
+            missing.push(what.to_owned());
+            "MISSING"
+        };
         println!("{what}:  {} ({state})", path.display());
+    }
+    for tool in ["qemu-system-x86_64", "vhost-device-vsock", "virtiofsd"] {
+        match carapace::vm::find_in_path(tool) {
+            Some(path) => println!("tool:    {tool} {}", path.display()),
+            None => {
+                println!("tool:    {tool} MISSING (scripts/setup.sh installs it)");
+                missing.push(tool.to_owned());
+            }
+        }
+    }
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    for fs in ["overlay", "nsfs"] {
+        let found = filesystems
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some(fs));
+        println!("kernel:  {fs} {}", if found { "ok" } else { "MISSING" });
+        if !found && fs == "overlay" {
+            missing.push("overlayfs".into());
+        }
+    }
+    println!("cgroups: {}", cgroup_layout());
+    if !missing.is_empty() {
+        bail!(
+            "this host cannot run pods yet: missing {}",
+            missing.join(", ")
+        );
     }
     if !args.boot {
         return Ok(());
