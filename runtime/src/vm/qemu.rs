@@ -215,11 +215,7 @@ impl QemuDriver {
         let started_at = Instant::now();
         let mut qemu_cmd = Command::new(&self.qemu);
         qemu_cmd.args(self.qemu_args(spec));
-        let qemu = started.spawn(
-            "qemu-system-x86_64",
-            qemu_cmd,
-            &spec.run_dir.join("qemu.log"),
-        )?;
+        let qemu = started.spawn("qemu", qemu_cmd, &spec.run_dir.join("qemu.log"))?;
         started.disarm();
         Ok(QemuVm {
             handle: QemuHandle {
@@ -239,7 +235,7 @@ impl QemuDriver {
 
 /// The virtiofsd command line (without the binary) that serves `shared_dir`
 /// on the vhost-user socket `socket`. Why these options: `docs/guest.md`,
-/// "The shared directory".
+/// "The pod's shared directory".
 pub fn virtiofsd_args(shared_dir: &Path, socket: &Path, max_open_files: u64) -> Vec<String> {
     vec![
         format!("--shared-dir={}", shared_dir.display()),
