@@ -215,11 +215,7 @@ impl QemuDriver {
         let started_at = Instant::now();
         let mut qemu_cmd = Command::new(&self.qemu);
         qemu_cmd.args(self.qemu_args(spec));
-        let qemu = started.spawn(
-            "qemu-system-x86_64",
-            qemu_cmd,
-            &spec.run_dir.join("qemu.log"),
-        )?;
+        let qemu = started.spawn("qemu", qemu_cmd, &spec.run_dir.join("qemu.log"))?;
         started.disarm();
         Ok(QemuVm {
             handle: QemuHandle {
@@ -239,7 +235,7 @@ impl QemuDriver {
 
 /// The virtiofsd command line (without the binary) that serves `shared_dir`
 /// on the vhost-user socket `socket`. Why these options: `docs/guest.md`,
-/// "The shared directory".
+/// "The pod's shared directory".
 pub fn virtiofsd_args(shared_dir: &Path, socket: &Path, max_open_files: u64) -> Vec<String> {
     vec![
         format!("--shared-dir={}", shared_dir.display()),
@@ -310,21 +306,24 @@ impl Drop for Started {
 /// The longest path a unix socket can be bound to (`sun_path` minus NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// Unix sockets the VM's processes bind in its run directory.
-fn socket_names() -> [String; 4] {
+/// The unix sockets the VM's processes bind in its run directory.
+fn socket_paths(spec: &VmSpec) -> [PathBuf; 4] {
+    let vsock = spec.vsock_socket();
+    // The hybrid-vsock socket has per-port listeners `<uds>_<port>`.
+    let mut ready = vsock.clone().into_os_string();
+    ready.push(format!("_{}", carapace_agent_api::READY_VSOCK_PORT));
     [
-        VHOST_VSOCK_SOCKET.to_owned(),
-        VIRTIOFS_SOCKET.to_owned(),
-        // The hybrid-vsock socket and its per-port listeners (`<uds>_<port>`).
-        "vsock.sock".to_owned(),
-        format!("vsock.sock_{}", carapace_agent_api::READY_VSOCK_PORT),
+        spec.run_dir.join(VHOST_VSOCK_SOCKET),
+        spec.run_dir.join(VIRTIOFS_SOCKET),
+        vsock,
+        ready.into(),
     ]
 }
 
 fn validate(spec: &VmSpec) -> Result<(), QemuError> {
-    let longest = socket_names()
+    let longest = socket_paths(spec)
         .iter()
-        .map(|name| spec.run_dir.join(name).as_os_str().len())
+        .map(|path| path.as_os_str().len())
         .max()
         .unwrap_or(0);
     if longest > MAX_SOCKET_PATH {
@@ -678,7 +677,15 @@ mod tests {
             matches!(validate(&long), Err(QemuError::InvalidSpec(m)) if m.contains("too long"))
         );
         // The hybrid-vsock port listener and virtiofsd's socket count too.
-        let name_len = socket_names().iter().map(String::len).max().unwrap();
+        let in_root = VmSpec {
+            run_dir: "/".into(),
+            ..s.clone()
+        };
+        let name_len = socket_paths(&in_root)
+            .iter()
+            .map(|p| p.as_os_str().len() - 1)
+            .max()
+            .unwrap();
         assert!(name_len >= VIRTIOFS_SOCKET.len());
         let at_limit = |extra: usize| VmSpec {
             run_dir: PathBuf::from(format!(
