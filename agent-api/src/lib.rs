@@ -30,3 +30,23 @@ pub const SANDBOX_FILES_DIR: &str = "/run/carapace/sandbox";
 /// holding the containers' root filesystems and volumes). The runtime asks
 /// for it in SetupSandbox; relative `root.path`s are then relative to it.
 pub const SHARED_FS_MOUNT_POINT: &str = "/run/carapace/shared";
+
+/// Whether `name` is a hostname the agent accepts (SetupSandbox, specs): at
+/// most 64 bytes of ASCII letters, digits, `-` and `.`.
+pub fn is_valid_hostname(name: &str) -> bool {
+    name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Whether `id` is a container or exec id the agent accepts (they name
+/// cgroups and directories): `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}

@@ -56,11 +56,7 @@ pub fn validate_sysctl_key(key: &str) -> Result<(), String> {
 }
 
 fn validate_hostname(name: &str) -> Result<(), String> {
-    let ok = name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if ok {
+    if carapace_agent_api::is_valid_hostname(name) {
         Ok(())
     } else {
         Err(format!("invalid hostname {name:?}"))

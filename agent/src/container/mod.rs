@@ -153,13 +153,7 @@ pub struct Manager {
 
 /// Container ids become cgroup directory names: keep them plain.
 pub fn validate_id(what: &str, id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id.as_bytes()[0].is_ascii_alphanumeric()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok {
+    if carapace_agent_api::is_valid_id(id) {
         Ok(())
     } else {
         Err(ContainerError::Invalid(format!(

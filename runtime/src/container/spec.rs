@@ -402,11 +402,7 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
 
 /// The agent's rule for hostnames (empty: the VM's stays).
 fn validate_hostname(name: &str) -> Result<(), SpecError> {
-    let ok = name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if ok {
+    if carapace_agent_api::is_valid_hostname(name) {
         Ok(())
     } else {
         Err(invalid(
@@ -421,12 +417,7 @@ fn validate_container_id(id: &str) -> Result<(), SpecError> {
     if id.is_empty() {
         return Err(invalid("container id", "must not be empty"));
     }
-    let ok = id.len() <= 128
-        && id.as_bytes()[0].is_ascii_alphanumeric()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok {
+    if carapace_agent_api::is_valid_id(id) {
         Ok(())
     } else {
         Err(invalid(
