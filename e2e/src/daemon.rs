@@ -44,13 +44,14 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\ncontainers_dir = {:?}\nrun_dir = {:?}\nlog_level = \"info,carapace=debug\"\n\
+                "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\ncontainers_dir = {:?}\nrun_dir = {:?}\ncgroup_root = {:?}\nlog_level = \"info,carapace=debug\"\n\
                  [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n",
                 socket,
                 dir.path().join("state"),
                 dir.path().join("images"),
                 dir.path().join("containers"),
                 dir.path().join("run"),
+                cgroup_root(),
                 artifacts.kernel,
                 artifacts.initrd,
             ),
@@ -174,6 +175,17 @@ impl Drop for Daemon {
         // Kill whatever VM a failed test left behind: every VM process of
         // this daemon has its run directory on its command line.
         kill_processes_mentioning(&self.run_dir());
+    }
+}
+
+/// The host's cgroup v2 hierarchy: the unified mount of a hybrid host
+/// (such as this one), else the usual place.
+pub fn cgroup_root() -> PathBuf {
+    let hybrid = Path::new("/sys/fs/cgroup/unified");
+    if hybrid.join("cgroup.controllers").is_file() {
+        hybrid.to_owned()
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
     }
 }
 

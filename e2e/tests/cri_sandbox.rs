@@ -290,3 +290,48 @@ async fn ten_pods_start_concurrently() {
     }
     assert!(processes_mentioning(&daemon.run_dir()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_vm_processes_live_in_kubelets_pod_cgroup() {
+    let daemon = Daemon::start().await;
+    let mut cri = daemon.runtime().await;
+    let parent = format!("carapace-e2e-{}/pod-cg", std::process::id());
+    let root = carapace_e2e::daemon::cgroup_root();
+    let mut config = pod("cg");
+    config.linux = Some(k8s_cri::v1::LinuxPodSandboxConfig {
+        cgroup_parent: format!("/{parent}"),
+        ..Default::default()
+    });
+    let id = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let leaf = root.join(&parent).join(format!("carapace-{}", &id[..16]));
+    let pids = processes_mentioning(&daemon.run_dir().join(&id[..16]));
+    assert!(
+        pids.len() >= 3,
+        "qemu, vsock backend and virtiofsd: {pids:?}"
+    );
+    for pid in &pids {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let unified = cgroup.lines().find(|l| l.starts_with("0::")).unwrap();
+        assert_eq!(
+            unified,
+            format!("0::/{parent}/carapace-{}", &id[..16]),
+            "pid {pid}"
+        );
+    }
+    remove(&mut cri, &id).await;
+    assert!(
+        !leaf.exists(),
+        "the pod VM's cgroup is removed with the pod"
+    );
+    // kubelet owns the parent; the test made it.
+    let _ = std::fs::remove_dir(root.join(&parent));
+    let _ = std::fs::remove_dir(root.join(format!("carapace-e2e-{}", std::process::id())));
+}

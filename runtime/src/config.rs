@@ -55,6 +55,9 @@ pub struct Config {
     pub containers_dir: PathBuf,
     /// Per-VM runtime directories (sockets, console logs).
     pub run_dir: PathBuf,
+    /// Where the host's cgroup v2 hierarchy is mounted: pod VMs go into
+    /// kubelet's pod cgroup below it (see `host_cgroup`).
+    pub cgroup_root: PathBuf,
     /// Log filter (`error`, `warn`, `info`, `debug`, or a tracing filter).
     pub log_level: String,
     pub vm: VmConfig,
@@ -92,6 +95,7 @@ impl Default for Config {
             image_dir: "/var/lib/carapace/images".into(),
             containers_dir: "/var/lib/carapace/containers".into(),
             run_dir: "/run/carapace/vms".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
             log_level: "info".into(),
             vm: VmConfig::default(),
             registry: RegistryConfig::default(),

@@ -8,6 +8,7 @@ pub mod container;
 pub mod cri;
 pub mod demo;
 pub mod host;
+pub mod host_cgroup;
 pub mod image;
 pub mod sandbox;
 pub mod state;

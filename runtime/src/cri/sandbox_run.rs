@@ -102,6 +102,7 @@ fn new_sandbox(
             .map(resolv_conf)
             .unwrap_or_default(),
         sysctls: linux.sysctls.clone().into_iter().collect(),
+        cgroup_parent: linux.cgroup_parent.clone(),
         size: vm_size(linux.resources.as_ref(), vm),
     })
 }

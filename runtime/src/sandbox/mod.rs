@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use crate::agent_client::AgentClient;
 use crate::config::Config;
+use crate::host_cgroup;
 use crate::state::{RecordDir, StateError};
 use crate::vm::qemu::{QemuDriver, QemuError};
 use crate::vm::VmSpec;
@@ -64,6 +65,8 @@ pub struct NewSandbox {
     pub resolv_conf: String,
     /// Pod-level sysctls.
     pub sysctls: std::collections::BTreeMap<String, String>,
+    /// kubelet's cgroup for the pod (`linux.cgroup_parent`); empty for none.
+    pub cgroup_parent: String,
     pub size: VmSize,
 }
 
@@ -220,6 +223,19 @@ impl Sandboxes {
         let cleanup = |run_dir: &Path| {
             let _ = std::fs::remove_dir_all(run_dir);
         };
+        let cgroup = match host_cgroup::create(&self.config.cgroup_root, &new.cgroup_parent, id) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                cleanup(&run_dir);
+                return Err(SandboxError::InvalidArgument(e.to_string()));
+            }
+        };
+        let cleanup = |run_dir: &Path| {
+            cleanup(run_dir);
+            if let Some(cg) = &cgroup {
+                host_cgroup::remove(cg);
+            }
+        };
         let vm = match self.driver.start(&spec).await {
             Ok(vm) => vm,
             Err(e) => {
@@ -227,6 +243,21 @@ impl Sandboxes {
                 return Err(e.into());
             }
         };
+        if let Some(cg) = &cgroup {
+            let placed = vm
+                .handle
+                .pids()
+                .into_iter()
+                .try_for_each(|pid| host_cgroup::add(cg, pid));
+            if let Err(e) = placed {
+                vm.stop().await;
+                cleanup(&run_dir);
+                return Err(SandboxError::Io {
+                    what: "placing the pod VM in its cgroup".into(),
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+        }
         let timeout = Duration::from_secs(self.config.vm.boot_timeout_secs);
         let agent = match vm.wait_agent(timeout).await {
             Ok((agent, health)) => {
@@ -271,6 +302,7 @@ impl Sandboxes {
             run_dir: run_dir.clone(),
             vm: Some(vm.handle.clone()),
             files,
+            cgroup: cgroup.clone(),
         };
         if let Err(e) = self.records.save(id, &record) {
             vm.stop().await;
@@ -310,6 +342,9 @@ impl Sandboxes {
         };
         self.stop(id).await?;
         let sandbox = sandbox.lock().await;
+        if let Some(cg) = &sandbox.record.cgroup {
+            host_cgroup::remove(cg);
+        }
         unmount_under(&sandbox.record.run_dir);
         if let Err(e) = std::fs::remove_dir_all(&sandbox.record.run_dir) {
             if e.kind() != std::io::ErrorKind::NotFound {

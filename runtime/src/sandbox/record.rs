@@ -63,6 +63,9 @@ pub struct SandboxRecord {
     /// Guest paths of the files the agent wrote for the pod.
     #[serde(default)]
     pub files: SandboxFiles,
+    /// The host cgroup holding the VM's processes, when there is one.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl SandboxRecord {

@@ -425,6 +425,13 @@ pub struct QemuHandle {
 }
 
 impl QemuHandle {
+    /// The pids of the VM's processes.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.qemu.pid, self.backend.pid];
+        pids.extend(self.fs.as_ref().map(|fs| fs.pid));
+        pids
+    }
+
     /// Whether the VM (QEMU and its backends) still runs. A VM whose
     /// virtiofsd died is not running: its guest cannot reach its root
     /// filesystems any more.
