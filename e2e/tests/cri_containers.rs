@@ -543,3 +543,165 @@ async fn events_follow_a_container_and_removing_a_pod_removes_its_containers() {
     }
     assert!(mounts_under(daemon.dir()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_containers_oom_live_volume_updates_and_a_killed_vm() {
+    let daemon = Daemon::start_with_busybox().await;
+    let mut cri = daemon.runtime().await;
+    let logs = tempfile::tempdir().unwrap();
+    let config_map = tempfile::tempdir().unwrap();
+    std::fs::write(config_map.path().join("setting"), "v1\n").unwrap();
+    let pod_config = pod_config(logs.path());
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+
+    // Two containers of the pod running side by side, one with a
+    // ConfigMap-like volume.
+    let mut web = container("web", &["sleep", "100000"], "");
+    web.mounts = vec![Mount {
+        container_path: "/etc/config".into(),
+        host_path: config_map.path().display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let web_id = create(&mut cri, &pod, web, &pod_config).await;
+    let side_id = create(
+        &mut cri,
+        &pod,
+        container("side", &["sleep", "100000"], ""),
+        &pod_config,
+    )
+    .await;
+    for id in [&web_id, &side_id] {
+        cri.start_container(StartContainerRequest {
+            container_id: id.to_string(),
+        })
+        .await
+        .expect("StartContainer");
+    }
+    for id in [&web_id, &side_id] {
+        wait_state(&mut cri, id, ContainerState::ContainerRunning).await;
+    }
+    let cat = |id: String| ExecSyncRequest {
+        container_id: id,
+        cmd: vec!["cat".into(), "/etc/config/setting".into()],
+        timeout: 30,
+    };
+    let out = cri
+        .exec_sync(cat(web_id.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "v1\n");
+    // kubelet updates a ConfigMap by swapping in a new file: seen inside.
+    let tmp = config_map.path().join(".setting.new");
+    std::fs::write(&tmp, "v2\n").unwrap();
+    std::fs::rename(&tmp, config_map.path().join("setting")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = cri
+            .exec_sync(cat(web_id.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        if String::from_utf8_lossy(&out.stdout) == "v2\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the update never showed: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A container over its memory limit is OOM-killed and says so.
+    let mut hog = container(
+        "hog",
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived",
+        ],
+        "",
+    );
+    hog.linux = Some(k8s_cri::v1::LinuxContainerConfig {
+        resources: Some(k8s_cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let hog_id = create(&mut cri, &pod, hog, &pod_config).await;
+    cri.start_container(StartContainerRequest {
+        container_id: hog_id.clone(),
+    })
+    .await
+    .expect("StartContainer hog");
+    let s = wait_state(&mut cri, &hog_id, ContainerState::ContainerExited).await;
+    assert_eq!(s.reason, "OOMKilled", "{s:?}");
+    assert_eq!(s.exit_code, 137, "{s:?}");
+    // The others are untouched.
+    assert_eq!(
+        status(&mut cri, &side_id).await.state,
+        ContainerState::ContainerRunning as i32
+    );
+
+    // The VM is killed from outside: its containers are reported exited,
+    // and everything can still be removed.
+    let pids = carapace_e2e::daemon::processes_mentioning(&daemon.run_dir().join(&pod[..16]));
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for id in [&web_id, &side_id] {
+        let s = wait_state(&mut cri, id, ContainerState::ContainerExited).await;
+        assert_eq!(s.reason, "Error", "{s:?}");
+        assert!(s.finished_at > 0);
+    }
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("StopPodSandbox after the VM died");
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("RemovePodSandbox after the VM died");
+    let listed = cri
+        .list_containers(ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(listed.is_empty(), "{listed:?}");
+    assert!(
+        mounts_under(daemon.dir()).is_empty(),
+        "{:?}",
+        mounts_under(daemon.dir())
+    );
+    assert_eq!(
+        std::fs::read_dir(daemon.containers_dir()).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(daemon.state_dir().join("containers"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // The ConfigMap's host directory is untouched.
+    assert_eq!(
+        std::fs::read_to_string(config_map.path().join("setting")).unwrap(),
+        "v2\n"
+    );
+}
