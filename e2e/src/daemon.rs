@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
@@ -24,16 +25,22 @@ pub struct Daemon {
 impl Daemon {
     /// Writes a config for private directories and starts the daemon.
     pub async fn start() -> Daemon {
-        Self::start_with(false).await
+        Self::start_with(false, "").await
     }
 
     /// As [`Daemon::start`], with the busybox demo image
     /// (`docker.io/library/busybox:latest`) in its image store.
     pub async fn start_with_busybox() -> Daemon {
-        Self::start_with(true).await
+        Self::start_with(true, "").await
     }
 
-    async fn start_with(busybox: bool) -> Daemon {
+    /// As [`Daemon::start`], with `extra` (TOML tables, e.g. `[registry]`)
+    /// appended to the config.
+    pub async fn start_with_config(extra: &str) -> Daemon {
+        Self::start_with(false, extra).await
+    }
+
+    async fn start_with(busybox: bool, extra: &str) -> Daemon {
         let artifacts = GuestArtifacts::locate();
         let dir = tempfile::Builder::new()
             .prefix("carapace-daemon-")
@@ -45,7 +52,7 @@ impl Daemon {
             &config,
             format!(
                 "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\ncontainers_dir = {:?}\nrun_dir = {:?}\ncgroup_root = {:?}\nlog_level = \"info,carapace=debug\"\n\
-                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n",
+                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n{extra}\n",
                 socket,
                 dir.path().join("state"),
                 dir.path().join("images"),
@@ -128,6 +135,11 @@ impl Daemon {
     /// The daemon's private directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A CRI ImageService client on the daemon's socket.
+    pub async fn images(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(connect(&self.socket).await)
     }
 
     /// A CRI RuntimeService client on the daemon's socket.

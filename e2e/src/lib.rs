@@ -24,6 +24,10 @@ pub mod node;
 /// The demo image builder, shared with `cargo xtask busybox-image`.
 #[path = "../../xtask/src/oci_image.rs"]
 pub mod oci_image;
+/// A local registry (Debian's docker-registry), shared with the runtime's
+/// image tests.
+#[path = "../../runtime/tests/support/registry.rs"]
+pub mod registry;
 
 /// How long a boot may take before the test fails. TCG on a loaded 2-core
 /// machine is slow; a healthy boot takes about a second.

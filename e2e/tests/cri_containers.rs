@@ -705,3 +705,94 @@ async fn two_containers_oom_live_volume_updates_and_a_killed_vm() {
         "v2\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_pulled_from_a_registry_runs_in_a_pod() {
+    let registry = carapace_e2e::registry::Registry::start();
+    let build = tempfile::tempdir().unwrap();
+    let (layout, _) = carapace_e2e::oci_image::build(build.path()).expect("busybox layout");
+    registry.push(&layout, "library/busybox");
+    let image = format!("{}/library/busybox:latest", registry.host());
+    let daemon = Daemon::start_with_config(&format!(
+        "[registry]\ninsecure = [\"{}\"]\n",
+        registry.host()
+    ))
+    .await;
+    let mut images = daemon.images().await;
+    let image_ref = images
+        .pull_image(k8s_cri::v1::PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", registry.log()))
+        .into_inner()
+        .image_ref;
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+
+    let mut cri = daemon.runtime().await;
+    let logs = tempfile::tempdir().unwrap();
+    let pod_config = pod_config(logs.path());
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let mut config = container(
+        "pulled",
+        &["sh", "-c", "echo pulled and running"],
+        "pulled.log",
+    );
+    config.image = Some(ImageSpec {
+        image: image.clone(),
+        ..Default::default()
+    });
+    let id = create(&mut cri, &pod, config, &pod_config).await;
+    cri.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    let s = wait_state(&mut cri, &id, ContainerState::ContainerExited).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
+    // As containerd: the repo digest of the pulled image.
+    assert!(
+        s.image_ref
+            .starts_with(&format!("{}/library/busybox@sha256:", registry.host())),
+        "{}",
+        s.image_ref
+    );
+    let log = std::fs::read_to_string(logs.path().join("pulled.log")).unwrap();
+    assert_eq!(entries(&log, "stdout"), ["pulled and running"]);
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    images
+        .remove_image(k8s_cri::v1::RemoveImageRequest {
+            image: Some(ImageSpec {
+                image,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("RemoveImage");
+    assert!(mounts_under(daemon.dir()).is_empty());
+    assert!(
+        carapace_e2e::daemon::processes_mentioning(&daemon.run_dir()).is_empty(),
+        "no VM process is left"
+    );
+}
