@@ -8,9 +8,12 @@ use std::collections::HashMap;
 use carapace_e2e::daemon::{processes_mentioning, Daemon};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ListPodSandboxRequest, PodSandboxConfig, PodSandboxFilter, PodSandboxMetadata, PodSandboxState,
-    PodSandboxStateValue, PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StatusRequest, StopPodSandboxRequest, VersionRequest,
+    ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest,
+    ExecSyncRequest, ImageSpec, ListContainersRequest, ListPodSandboxRequest, PodSandboxConfig,
+    PodSandboxFilter, PodSandboxMetadata, PodSandboxState, PodSandboxStateValue,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StatusRequest, StopContainerRequest, StopPodSandboxRequest,
+    VersionRequest,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -259,8 +262,111 @@ async fn malformed_and_unknown_requests_get_the_right_codes() {
         ),
         Code::Ok
     );
+    // Container calls: empty ids are malformed, unknown ids not found,
+    // stopping or removing an absent container is fine.
+    let unknown = "0123456789abcdef".to_string();
+    for id in [String::new(), unknown.clone()] {
+        let want = if id.is_empty() {
+            Code::InvalidArgument
+        } else {
+            Code::NotFound
+        };
+        let status = cri
+            .container_status(ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            })
+            .await;
+        assert_eq!(code(status), want, "ContainerStatus {id:?}");
+        let start = cri
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await;
+        assert_eq!(code(start), want, "StartContainer {id:?}");
+        let exec = cri
+            .exec_sync(ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: vec!["true".into()],
+                timeout: 1,
+            })
+            .await;
+        assert_eq!(code(exec), want, "ExecSync {id:?}");
+        let stop = cri
+            .stop_container(StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 0,
+            })
+            .await;
+        let remove = cri
+            .remove_container(RemoveContainerRequest {
+                container_id: id.clone(),
+            })
+            .await;
+        let absent_ok = if id.is_empty() {
+            Code::InvalidArgument
+        } else {
+            Code::Ok
+        };
+        assert_eq!(code(stop), absent_ok, "StopContainer {id:?}");
+        assert_eq!(code(remove), absent_ok, "RemoveContainer {id:?}");
+    }
+    // CreateContainer: no config, no metadata, an unknown pod.
+    assert_eq!(
+        code(
+            cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: unknown.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let config = ContainerConfig {
+        image: Some(ImageSpec {
+            image: "busybox".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(
+            cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: unknown.clone(),
+                config: Some(config.clone()),
+                sandbox_config: None,
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let named = ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: "c".into(),
+            attempt: 0,
+        }),
+        ..config
+    };
+    assert_eq!(
+        code(
+            cri.create_container(CreateContainerRequest {
+                pod_sandbox_id: unknown.clone(),
+                config: Some(named),
+                sandbox_config: None,
+            })
+            .await
+        ),
+        Code::NotFound
+    );
     // Nothing was created by any of it.
     assert!(list_ids(&mut cri, None).await.is_empty());
+    let containers = cri
+        .list_containers(ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(containers.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
