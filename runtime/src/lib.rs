@@ -11,4 +11,5 @@ pub mod host;
 pub mod image;
 pub mod sandbox;
 pub mod state;
+pub mod streaming;
 pub mod vm;

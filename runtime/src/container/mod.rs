@@ -15,6 +15,7 @@
 pub mod log;
 pub mod record;
 pub mod spec;
+pub mod stream;
 pub mod volumes;
 
 use std::collections::HashMap;

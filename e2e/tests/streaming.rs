@@ -1,0 +1,393 @@
+//! The streaming server as kubelet and crictl use it: Exec through CRI,
+//! then the returned URL with a WebSocket client library (not our server
+//! code), against a busybox container in a real pod VM.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use carapace_e2e::daemon::Daemon;
+use futures_util::{SinkExt, StreamExt};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ExecRequest, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Cri = RuntimeServiceClient<Channel>;
+
+const BUSYBOX: &str = "docker.io/library/busybox:latest";
+
+fn pod_config(log_dir: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "stream".into(),
+            uid: "uid-stream".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "stream-0".into(),
+        log_directory: log_dir.display().to_string(),
+        ..Default::default()
+    }
+}
+
+fn container(name: &str, cmd: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        labels: HashMap::new(),
+        ..Default::default()
+    }
+}
+
+async fn wait_running(cri: &mut Cri, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = cri
+            .container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .expect("ContainerStatus")
+            .into_inner()
+            .status
+            .expect("a status");
+        if s.state == ContainerState::ContainerRunning as i32 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "container never ran: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn exec_request(id: &str, cmd: &[&str], stdin: bool, tty: bool) -> ExecRequest {
+    ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin,
+        stdout: true,
+        stderr: !tty,
+    }
+}
+
+async fn exec_url(cri: &mut Cri, request: ExecRequest) -> String {
+    cri.exec(request).await.expect("Exec").into_inner().url
+}
+
+/// What a session delivered: stdout, stderr, the error channel.
+#[derive(Debug, Default)]
+struct Seen {
+    stdout: String,
+    stderr: String,
+    status: String,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<
+    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+>;
+
+async fn connect(url: &str, protocol: &str) -> Result<Ws, WsError> {
+    let mut request = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let (ws, response) = tokio_tungstenite::connect_async(request).await?;
+    assert_eq!(
+        response.headers()["Sec-WebSocket-Protocol"],
+        protocol.split(',').next().unwrap().trim()
+    );
+    Ok(ws)
+}
+
+/// Reads the session to its end.
+async fn read_all(ws: &mut Ws) -> Seen {
+    let mut seen = Seen::default();
+    let read = async {
+        while let Some(msg) = ws.next().await {
+            let data = match msg.expect("websocket message") {
+                Message::Binary(b) => b.to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            let Some((&channel, rest)) = data.split_first() else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(rest);
+            match channel {
+                1 => seen.stdout.push_str(&text),
+                2 => seen.stderr.push_str(&text),
+                3 => seen.status.push_str(&text),
+                other => panic!("unexpected channel {other}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the session ended");
+    seen
+}
+
+fn status_json(seen: &Seen) -> serde_json::Value {
+    serde_json::from_str(&seen.status).unwrap_or_else(|e| panic!("status {seen:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_over_websocket_and_refused_tokens() {
+    let daemon = Daemon::start_with_busybox().await;
+    let mut cri = daemon.runtime().await;
+    let logs = tempfile::tempdir().unwrap();
+    let pod_config = pod_config(logs.path());
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let id = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container("app", &["sleep", "3600"])),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    wait_running(&mut cri, &id).await;
+
+    // CRI's rules: tty with stderr, nothing requested, unknown container.
+    let mut bad = exec_request(&id, &["true"], false, true);
+    bad.stderr = true;
+    assert_eq!(cri.exec(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    let mut bad = exec_request(&id, &["true"], false, false);
+    (bad.stdout, bad.stderr) = (false, false);
+    assert_eq!(cri.exec(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    let err = cri
+        .exec(exec_request(&"0".repeat(64), &["true"], false, false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // v5: stdout, stderr, success.
+    let url = exec_url(
+        &mut cri,
+        exec_request(&id, &["sh", "-c", "echo out; echo err >&2"], false, false),
+    )
+    .await;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let mut ws = connect(&url, "v5.channel.k8s.io, v4.channel.k8s.io").await.unwrap();
+    let seen = read_all(&mut ws).await;
+    assert_eq!(seen.stdout, "out\n", "{seen:?}");
+    assert_eq!(seen.stderr, "err\n", "{seen:?}");
+    assert_eq!(status_json(&seen)["status"], "Success", "{seen:?}");
+
+    // The same URL again: refused. A made-up one: refused.
+    match connect(&url, "v5.channel.k8s.io").await {
+        Err(WsError::Http(r)) => assert_eq!(r.status(), 404),
+        other => panic!("a used token was accepted: {:?}", other.map(|_| ())),
+    }
+    let made_up = format!("{}/exec/{}", &url[..url.rfind("/exec/").unwrap()], "ab".repeat(32));
+    match connect(&made_up, "v5.channel.k8s.io").await {
+        Err(WsError::Http(r)) => assert_eq!(r.status(), 404),
+        other => panic!("an unknown token was accepted: {:?}", other.map(|_| ())),
+    }
+
+    // v4: the exit code of a failing command, exactly.
+    let url = exec_url(&mut cri, exec_request(&id, &["sh", "-c", "exit 3"], false, false)).await;
+    let mut ws = connect(&url, "v4.channel.k8s.io").await.unwrap();
+    let seen = read_all(&mut ws).await;
+    let status = status_json(&seen);
+    assert_eq!(status["status"], "Failure", "{seen:?}");
+    assert_eq!(status["reason"], "NonZeroExitCode", "{seen:?}");
+    assert_eq!(status["details"]["causes"][0]["reason"], "ExitCode");
+    assert_eq!(status["details"]["causes"][0]["message"], "3");
+
+    // No output lost at exit: 200 KiB written just before exiting.
+    let url = exec_url(
+        &mut cri,
+        exec_request(&id, &["sh", "-c", "head -c 204800 /dev/zero | tr '\\0' x"], false, false),
+    )
+    .await;
+    let mut ws = connect(&url, "v5.channel.k8s.io").await.unwrap();
+    let seen = read_all(&mut ws).await;
+    assert_eq!(seen.stdout.len(), 204800);
+    assert!(seen.stdout.bytes().all(|b| b == b'x'));
+
+    // v5 stdin, closed by the client: cat sees end of file.
+    let url = exec_url(&mut cri, exec_request(&id, &["cat"], true, false)).await;
+    let mut ws = connect(&url, "v5.channel.k8s.io").await.unwrap();
+    ws.send(Message::binary(b"\x00hello\n".to_vec())).await.unwrap();
+    ws.send(Message::binary(vec![255, 0])).await.unwrap();
+    let seen = read_all(&mut ws).await;
+    assert_eq!(seen.stdout, "hello\n", "{seen:?}");
+    assert_eq!(status_json(&seen)["status"], "Success");
+
+    // TTY: a resize is what `stty size` reports.
+    let url = exec_url(
+        &mut cri,
+        exec_request(&id, &["sh", "-c", "read x; stty size"], true, true),
+    )
+    .await;
+    let mut ws = connect(&url, "v5.channel.k8s.io").await.unwrap();
+    let mut resize = vec![4u8];
+    resize.extend_from_slice(br#"{"Width":100,"Height":30}"#);
+    ws.send(Message::binary(resize)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(Message::binary(b"\x00go\r".to_vec())).await.unwrap();
+    let seen = read_all(&mut ws).await;
+    assert!(seen.stdout.contains("30 100"), "{seen:?}");
+    assert_eq!(status_json(&seen)["status"], "Success");
+
+    // SPDY/3.1, as crictl and kubelet's proxy speak it, with a client
+    // built on our framing code.
+    let url = exec_url(
+        &mut cri,
+        exec_request(&id, &["sh", "-c", "echo spdy; echo oops >&2; exit 7"], false, false),
+    )
+    .await;
+    let seen = spdy_exec(&url, None).await;
+    assert_eq!(seen.stdout, "spdy\n", "{seen:?}");
+    assert_eq!(seen.stderr, "oops\n", "{seen:?}");
+    let status = status_json(&seen);
+    assert_eq!(status["details"]["causes"][0]["message"], "7", "{seen:?}");
+    let url = exec_url(&mut cri, exec_request(&id, &["cat"], true, false)).await;
+    let seen = spdy_exec(&url, Some(b"over spdy\n")).await;
+    assert_eq!(seen.stdout, "over spdy\n", "{seen:?}");
+    assert_eq!(status_json(&seen)["status"], "Success");
+
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
+
+/// A SPDY/3.1 remotecommand client (v4): upgrade, open the error, stdout,
+/// stderr (and stdin) streams, read to the end of the error stream.
+async fn spdy_exec(url: &str, stdin: Option<&[u8]>) -> Seen {
+    use carapace::streaming::spdy::{Frame, HeaderDecoder, HeaderEncoder, FLAG_FIN};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rest = url.strip_prefix("http://").unwrap();
+    let (addr, path) = rest.split_at(rest.find('/').unwrap());
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+             X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\
+             X-Stream-Protocol-Version: channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "response ended early");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("x-stream-protocol-version: v4.channel.k8s.io"), "{head}");
+
+    let mut enc = HeaderEncoder::new();
+    let mut dec = HeaderDecoder::new();
+    let mut roles = vec![(1u32, "error"), (3, "stdout"), (5, "stderr")];
+    if stdin.is_some() {
+        roles.push((7, "stdin"));
+    }
+    for (id, role) in &roles {
+        let block = enc.encode(&[("streamType", role)]).unwrap();
+        let frame = Frame::SynStream {
+            stream_id: *id,
+            associated: 0,
+            priority: 0,
+            flags: 0,
+            block,
+        };
+        tcp.write_all(&frame.encode()).await.unwrap();
+    }
+    if let Some(data) = stdin {
+        let frame = Frame::Data {
+            stream_id: 7,
+            flags: FLAG_FIN,
+            data: data.to_vec(),
+        };
+        tcp.write_all(&frame.encode()).await.unwrap();
+    }
+    let mut seen = Seen::default();
+    let mut replies = 0;
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            while let Some((frame, used)) = Frame::parse(&buf).expect("a valid frame") {
+                buf.drain(..used);
+                match frame {
+                    Frame::SynReply { block, .. } => {
+                        dec.decode(&block).expect("a reply header block");
+                        replies += 1;
+                    }
+                    Frame::Data {
+                        stream_id,
+                        flags,
+                        data,
+                    } => {
+                        let text = String::from_utf8_lossy(&data);
+                        match stream_id {
+                            1 => seen.status.push_str(&text),
+                            3 => seen.stdout.push_str(&text),
+                            5 => seen.stderr.push_str(&text),
+                            other => panic!("data on stream {other}"),
+                        }
+                        if stream_id == 1 && flags & FLAG_FIN != 0 {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the connection closed before the error stream ended");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the SPDY session ended");
+    assert_eq!(replies, roles.len(), "one SYN_REPLY per stream");
+    seen
+}
