@@ -98,9 +98,8 @@ struct Seen {
     status: String,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(url: &str, protocol: &str) -> Result<Ws, WsError> {
     let mut request = url
@@ -185,10 +184,16 @@ async fn exec_over_websocket_and_refused_tokens() {
     // CRI's rules: tty with stderr, nothing requested, unknown container.
     let mut bad = exec_request(&id, &["true"], false, true);
     bad.stderr = true;
-    assert_eq!(cri.exec(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        cri.exec(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     let mut bad = exec_request(&id, &["true"], false, false);
     (bad.stdout, bad.stderr) = (false, false);
-    assert_eq!(cri.exec(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        cri.exec(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     let err = cri
         .exec(exec_request(&"0".repeat(64), &["true"], false, false))
         .await
@@ -202,7 +207,9 @@ async fn exec_over_websocket_and_refused_tokens() {
     )
     .await;
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    let mut ws = connect(&url, "v5.channel.k8s.io, v4.channel.k8s.io").await.unwrap();
+    let mut ws = connect(&url, "v5.channel.k8s.io, v4.channel.k8s.io")
+        .await
+        .unwrap();
     let seen = read_all(&mut ws).await;
     assert_eq!(seen.stdout, "out\n", "{seen:?}");
     assert_eq!(seen.stderr, "err\n", "{seen:?}");
@@ -213,14 +220,22 @@ async fn exec_over_websocket_and_refused_tokens() {
         Err(WsError::Http(r)) => assert_eq!(r.status(), 404),
         other => panic!("a used token was accepted: {:?}", other.map(|_| ())),
     }
-    let made_up = format!("{}/exec/{}", &url[..url.rfind("/exec/").unwrap()], "ab".repeat(32));
+    let made_up = format!(
+        "{}/exec/{}",
+        &url[..url.rfind("/exec/").unwrap()],
+        "ab".repeat(32)
+    );
     match connect(&made_up, "v5.channel.k8s.io").await {
         Err(WsError::Http(r)) => assert_eq!(r.status(), 404),
         other => panic!("an unknown token was accepted: {:?}", other.map(|_| ())),
     }
 
     // v4: the exit code of a failing command, exactly.
-    let url = exec_url(&mut cri, exec_request(&id, &["sh", "-c", "exit 3"], false, false)).await;
+    let url = exec_url(
+        &mut cri,
+        exec_request(&id, &["sh", "-c", "exit 3"], false, false),
+    )
+    .await;
     let mut ws = connect(&url, "v4.channel.k8s.io").await.unwrap();
     let seen = read_all(&mut ws).await;
     let status = status_json(&seen);
@@ -232,7 +247,12 @@ async fn exec_over_websocket_and_refused_tokens() {
     // No output lost at exit: 200 KiB written just before exiting.
     let url = exec_url(
         &mut cri,
-        exec_request(&id, &["sh", "-c", "head -c 204800 /dev/zero | tr '\\0' x"], false, false),
+        exec_request(
+            &id,
+            &["sh", "-c", "head -c 204800 /dev/zero | tr '\\0' x"],
+            false,
+            false,
+        ),
     )
     .await;
     let mut ws = connect(&url, "v5.channel.k8s.io").await.unwrap();
@@ -243,7 +263,9 @@ async fn exec_over_websocket_and_refused_tokens() {
     // v5 stdin, closed by the client: cat sees end of file.
     let url = exec_url(&mut cri, exec_request(&id, &["cat"], true, false)).await;
     let mut ws = connect(&url, "v5.channel.k8s.io").await.unwrap();
-    ws.send(Message::binary(b"\x00hello\n".to_vec())).await.unwrap();
+    ws.send(Message::binary(b"\x00hello\n".to_vec()))
+        .await
+        .unwrap();
     ws.send(Message::binary(vec![255, 0])).await.unwrap();
     let seen = read_all(&mut ws).await;
     assert_eq!(seen.stdout, "hello\n", "{seen:?}");
@@ -260,7 +282,9 @@ async fn exec_over_websocket_and_refused_tokens() {
     resize.extend_from_slice(br#"{"Width":100,"Height":30}"#);
     ws.send(Message::binary(resize)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    ws.send(Message::binary(b"\x00go\r".to_vec())).await.unwrap();
+    ws.send(Message::binary(b"\x00go\r".to_vec()))
+        .await
+        .unwrap();
     let seen = read_all(&mut ws).await;
     assert!(seen.stdout.contains("30 100"), "{seen:?}");
     assert_eq!(status_json(&seen)["status"], "Success");
@@ -269,7 +293,12 @@ async fn exec_over_websocket_and_refused_tokens() {
     // built on our framing code.
     let url = exec_url(
         &mut cri,
-        exec_request(&id, &["sh", "-c", "echo spdy; echo oops >&2; exit 7"], false, false),
+        exec_request(
+            &id,
+            &["sh", "-c", "echo spdy; echo oops >&2; exit 7"],
+            false,
+            false,
+        ),
     )
     .await;
     let seen = spdy_exec(&url, None).await;
@@ -316,12 +345,19 @@ async fn spdy_exec(url: &str, stdin: Option<&[u8]>) -> Seen {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
-        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "response ended early");
+        assert_eq!(
+            tcp.read(&mut byte).await.unwrap(),
+            1,
+            "response ended early"
+        );
         buf.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("x-stream-protocol-version: v4.channel.k8s.io"), "{head}");
+    assert!(
+        head.contains("x-stream-protocol-version: v4.channel.k8s.io"),
+        "{head}"
+    );
 
     let mut enc = HeaderEncoder::new();
     let mut dec = HeaderDecoder::new();

@@ -40,7 +40,11 @@ impl Containers {
 
     /// Starts `spec.cmd` in the running container `id` with the container's
     /// own process settings (env, user, cwd), as ExecSync does.
-    pub async fn start_exec(&self, id: &str, spec: &ExecSpec) -> Result<ExecHandle, ContainerError> {
+    pub async fn start_exec(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+    ) -> Result<ExecHandle, ContainerError> {
         if spec.cmd.is_empty() {
             return Err(ContainerError::InvalidArgument("exec cmd is empty".into()));
         }

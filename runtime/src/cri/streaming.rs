@@ -70,10 +70,9 @@ impl CriService {
                 request.port
             )));
         }
-        let sandbox = self
-            .sandboxes
-            .get(&request.pod_sandbox_id)
-            .ok_or_else(|| CriError::NotFound(format!("pod sandbox {} not found", request.pod_sandbox_id)))?;
+        let sandbox = self.sandboxes.get(&request.pod_sandbox_id).ok_or_else(|| {
+            CriError::NotFound(format!("pod sandbox {} not found", request.pod_sandbox_id))
+        })?;
         drop(sandbox);
         let url = self.issue(StreamRequest::PortForward(request))?;
         Ok(PortForwardResponse { url })

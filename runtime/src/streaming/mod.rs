@@ -126,7 +126,9 @@ impl StreamingServer {
             }
             Err(TokenError::Expired) => return plain(StatusCode::GONE, "expired token"),
         };
-        let upgrade = header(&req, UPGRADE).unwrap_or_default().to_ascii_lowercase();
+        let upgrade = header(&req, UPGRADE)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let wire = match upgrade.as_str() {
             "websocket" => {
                 let Some(key) = header(&req, hyper::header::SEC_WEBSOCKET_KEY) else {
@@ -196,12 +198,10 @@ impl StreamingServer {
             };
             match session_wire {
                 Wire::WebSocket { protocol, .. } => {
-                    websocket::serve_exec(upgraded, protocol, handle, exec.cmd, streams, idle)
-                        .await
+                    websocket::serve_exec(upgraded, protocol, handle, exec.cmd, streams, idle).await
                 }
                 Wire::Spdy { version } => {
-                    spdy_exec::serve_exec(upgraded, version, handle, exec.cmd, streams, idle)
-                        .await
+                    spdy_exec::serve_exec(upgraded, version, handle, exec.cmd, streams, idle).await
                 }
             }
         });

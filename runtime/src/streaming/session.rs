@@ -91,7 +91,10 @@ pub async fn run_exec(
             status = &mut wait => break status,
         }
     };
-    if tokio::time::timeout(OUTPUT_AFTER_EXIT, reader).await.is_err() {
+    if tokio::time::timeout(OUTPUT_AFTER_EXIT, reader)
+        .await
+        .is_err()
+    {
         tracing::warn!("exec output still open {OUTPUT_AFTER_EXIT:?} after its exit");
     }
     match status {

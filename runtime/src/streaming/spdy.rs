@@ -140,7 +140,8 @@ impl Frame {
                 .map(|v| v & 0x7fff_ffff)
                 .ok_or(SpdyError::Malformed(what))
         };
-        let second = |what| be32(body.get(4..).unwrap_or_default()).ok_or(SpdyError::Malformed(what));
+        let second =
+            |what| be32(body.get(4..).unwrap_or_default()).ok_or(SpdyError::Malformed(what));
         Ok(match kind {
             SYN_STREAM => {
                 if body.len() < 10 {
@@ -304,17 +305,71 @@ pub fn dictionary() -> &'static [u8] {
     static DICT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     DICT.get_or_init(|| {
         const WORDS: &[&str] = &[
-            "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset",
-            "accept-encoding", "accept-language", "accept-ranges", "age", "allow",
-            "authorization", "cache-control", "connection", "content-base", "content-encoding",
-            "content-language", "content-length", "content-location", "content-md5",
-            "content-range", "content-type", "date", "etag", "expect", "expires", "from", "host",
-            "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since",
-            "last-modified", "location", "max-forwards", "pragma", "proxy-authenticate",
-            "proxy-authorization", "range", "referer", "retry-after", "server", "te", "trailer",
-            "transfer-encoding", "upgrade", "user-agent", "vary", "via", "warning",
-            "www-authenticate", "method", "get", "status", "200 OK", "version", "HTTP/1.1", "url",
-            "public", "set-cookie", "keep-alive", "origin",
+            "options",
+            "head",
+            "post",
+            "put",
+            "delete",
+            "trace",
+            "accept",
+            "accept-charset",
+            "accept-encoding",
+            "accept-language",
+            "accept-ranges",
+            "age",
+            "allow",
+            "authorization",
+            "cache-control",
+            "connection",
+            "content-base",
+            "content-encoding",
+            "content-language",
+            "content-length",
+            "content-location",
+            "content-md5",
+            "content-range",
+            "content-type",
+            "date",
+            "etag",
+            "expect",
+            "expires",
+            "from",
+            "host",
+            "if-match",
+            "if-modified-since",
+            "if-none-match",
+            "if-range",
+            "if-unmodified-since",
+            "last-modified",
+            "location",
+            "max-forwards",
+            "pragma",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "range",
+            "referer",
+            "retry-after",
+            "server",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "user-agent",
+            "vary",
+            "via",
+            "warning",
+            "www-authenticate",
+            "method",
+            "get",
+            "status",
+            "200 OK",
+            "version",
+            "HTTP/1.1",
+            "url",
+            "public",
+            "set-cookie",
+            "keep-alive",
+            "origin",
         ];
         const TAIL: &str = "100101201202205206300302303304305306307402405406407408409410411412\
             413414415416417502504505203 Non-Authoritative Information204 No Content301 Moved \
@@ -493,10 +548,7 @@ mod tests {
             status: RST_CANCEL,
         };
         let wire = f.encode();
-        assert_eq!(
-            wire,
-            [0x80, 3, 0, 3, 0, 0, 0, 8, 0, 0, 0, 5, 0, 0, 0, 5]
-        );
+        assert_eq!(wire, [0x80, 3, 0, 3, 0, 0, 0, 8, 0, 0, 0, 5, 0, 0, 0, 5]);
         assert_eq!(Frame::parse(&wire).unwrap(), Some((f, 16)));
         // PING 7.
         assert_eq!(

@@ -126,9 +126,8 @@ pub async fn serve_exec(
     streams: Streams,
     idle: Duration,
 ) {
-    let ws =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config()))
-            .await;
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config()))
+        .await;
     let (mut sink, mut source) = ws.split();
     let (in_tx, in_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (out_tx, mut out_rx) = mpsc::channel(CHANNEL_DEPTH);
