@@ -1,6 +1,7 @@
 //! The streaming server as kubelet and crictl use it: Exec through CRI,
 //! then the returned URL with a WebSocket client library (not our server
-//! code), against a busybox container in a real pod VM.
+//! code) and our SPDY/3.1 client, against busybox containers in a real pod
+//! VM.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,7 +11,7 @@ use carapace_e2e::daemon::Daemon;
 use futures_util::{SinkExt, StreamExt};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
     CreateContainerRequest, ExecRequest, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
@@ -117,6 +118,26 @@ async fn connect(url: &str, protocol: &str) -> Result<Ws, WsError> {
     Ok(ws)
 }
 
+/// Reads stdout until it contains `needle`.
+async fn read_until(ws: &mut Ws, needle: &str) -> String {
+    let mut stdout = String::new();
+    let read = async {
+        while !stdout.contains(needle) {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) if b.first() == Some(&1) => {
+                    stdout.push_str(&String::from_utf8_lossy(&b[1..]))
+                }
+                Some(Ok(_)) => {}
+                other => panic!("the session ended: {other:?}; stdout {stdout:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .unwrap_or_else(|_| panic!("never saw {needle:?}"));
+    stdout
+}
+
 /// Reads the session to its end.
 async fn read_all(ws: &mut Ws) -> Seen {
     let mut seen = Seen::default();
@@ -150,7 +171,7 @@ fn status_json(seen: &Seen) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn exec_over_websocket_and_refused_tokens() {
+async fn exec_attach_over_websocket_and_spdy_and_refused_tokens() {
     let daemon = Daemon::start_with_busybox().await;
     let mut cri = daemon.runtime().await;
     let logs = tempfile::tempdir().unwrap();
@@ -310,6 +331,69 @@ async fn exec_over_websocket_and_refused_tokens() {
     let seen = spdy_exec(&url, Some(b"over spdy\n")).await;
     assert_eq!(seen.stdout, "over spdy\n", "{seen:?}");
     assert_eq!(status_json(&seen)["status"], "Success");
+
+    // Attach: two sessions to a container whose main process is `cat` with
+    // a stdin; what one writes, both see.
+    let mut echoer = container("echoer", &["cat"]);
+    echoer.stdin = true;
+    let echoer = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(echoer),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest {
+        container_id: echoer.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    wait_running(&mut cri, &echoer).await;
+    let attach = |stdin: bool| AttachRequest {
+        container_id: echoer.clone(),
+        stdin,
+        tty: false,
+        stdout: true,
+        stderr: true,
+    };
+    let url_a = cri
+        .attach(attach(true))
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    let url_b = cri
+        .attach(attach(false))
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    assert!(url_a.contains("/attach/"), "{url_a}");
+    let mut a = connect(&url_a, "v5.channel.k8s.io").await.unwrap();
+    let mut b = connect(&url_b, "v4.channel.k8s.io").await.unwrap();
+    // Both sessions are subscribed once their upgrade is answered.
+    a.send(Message::binary(b"\x00to both\n".to_vec()))
+        .await
+        .unwrap();
+    assert!(read_until(&mut a, "to both").await.contains("to both"));
+    assert!(read_until(&mut b, "to both").await.contains("to both"));
+    // One leaves; the container and the other session go on.
+    drop(a);
+    let url_c = cri
+        .attach(attach(true))
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    let mut c = connect(&url_c, "v5.channel.k8s.io").await.unwrap();
+    c.send(Message::binary(b"\x00again\n".to_vec()))
+        .await
+        .unwrap();
+    assert!(read_until(&mut b, "again").await.contains("again"));
+    assert!(read_until(&mut c, "again").await.contains("again"));
 
     cri.stop_pod_sandbox(StopPodSandboxRequest {
         pod_sandbox_id: pod.clone(),

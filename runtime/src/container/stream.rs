@@ -1,14 +1,19 @@
-//! Interactive processes for the streaming server (CRI Exec): a process
-//! started through the agent whose stdin, output, terminal size and exit
-//! the caller drives. ExecSync in `mod.rs` is the batch variant of the same
-//! agent calls.
+//! Interactive processes for the streaming server: a process started
+//! through the agent (CRI Exec) whose stdin, output, terminal size and exit
+//! the caller drives (ExecSync in `mod.rs` is the batch variant of the same
+//! agent calls); and the container's own process (CRI Attach), whose output
+//! the log copier fans out to every attach session ([`OutputFanout`]).
 
 use carapace_agent_api::v1::{
     ExecProcessRequest, ExitStatus, OutputChunk, ProcessRef, ReadOutputRequest, ResizeTtyRequest,
     SignalProcessRequest, WaitProcessRequest, WriteStdinRequest,
 };
 
-use super::{agent_err, ContainerError, ContainerState, Containers, SIGKILL};
+use std::collections::HashMap;
+
+use tokio::sync::broadcast;
+
+use super::{agent_err, lock, ContainerError, ContainerState, Containers, SIGKILL};
 use crate::agent_client::AgentClient;
 
 /// A running process in a container (an exec), as the agent knows it.
@@ -26,7 +31,72 @@ pub struct ExecSpec {
     pub stdin: bool,
 }
 
+/// Chunks an attach session may fall behind before it loses the oldest
+/// (the log copier never waits for attach sessions).
+const FANOUT_DEPTH: usize = 256;
+
+/// The output of running containers, for attach sessions. The agent has one
+/// reader per process, the log copier (`copy_output` in `mod.rs`): it hands
+/// every chunk here too. A container without a log path has no copier, so
+/// attach to it sees no output.
+#[derive(Default)]
+pub struct OutputFanout(std::sync::Mutex<HashMap<String, broadcast::Sender<OutputChunk>>>);
+
+impl OutputFanout {
+    /// The sender of container `id` (made on first use).
+    pub(super) fn open(&self, id: &str) -> broadcast::Sender<OutputChunk> {
+        lock(&self.0)
+            .entry(id.to_owned())
+            .or_insert_with(|| broadcast::channel(FANOUT_DEPTH).0)
+            .clone()
+    }
+
+    /// The container's output ended: sessions see the end once the copier
+    /// dropped its sender too.
+    pub(super) fn close(&self, id: &str) {
+        lock(&self.0).remove(id);
+    }
+
+    fn subscribe(&self, id: &str) -> Option<broadcast::Receiver<OutputChunk>> {
+        lock(&self.0).get(id).map(|tx| tx.subscribe())
+    }
+}
+
 impl Containers {
+    /// CRI Attach: the container's own process (stdin, resize) and its
+    /// output from now on.
+    pub async fn attach(
+        &self,
+        id: &str,
+    ) -> Result<(ExecHandle, broadcast::Receiver<OutputChunk>), ContainerError> {
+        let entry = self.entry(id)?;
+        let sandbox_id = {
+            let r = entry.record.lock().await;
+            if r.state != ContainerState::Running {
+                return Err(ContainerError::FailedPrecondition(format!(
+                    "container {id} is not running"
+                )));
+            }
+            r.sandbox_id.clone()
+        };
+        let output = self.fanout.subscribe(id).ok_or_else(|| {
+            ContainerError::FailedPrecondition(format!(
+                "container {id} has no log path: its output cannot be attached to"
+            ))
+        })?;
+        let agent = self.agent(&sandbox_id).await?;
+        Ok((
+            ExecHandle {
+                agent,
+                process: ProcessRef {
+                    container_id: id.to_owned(),
+                    exec_id: String::new(),
+                },
+            },
+            output,
+        ))
+    }
+
     /// Fails unless the container exists and runs.
     pub async fn check_running(&self, id: &str) -> Result<(), ContainerError> {
         let entry = self.entry(id)?;

@@ -28,6 +28,7 @@ pub use tokens::TokenError;
 use crate::config::StreamingConfig;
 use crate::container::stream::ExecSpec;
 use crate::container::Containers;
+use session::Target;
 
 /// What a token stands for.
 #[derive(Debug, Clone)]
@@ -166,23 +167,48 @@ impl StreamingServer {
                 )
             }
         };
-        let StreamRequest::Exec(exec) = request else {
-            return plain(StatusCode::NOT_IMPLEMENTED, "not implemented yet");
-        };
-        let streams = websocket::Streams {
-            stdin: exec.stdin,
-            stdout: exec.stdout,
-            stderr: exec.stderr,
-            tty: exec.tty,
-        };
-        let spec = ExecSpec {
-            cmd: exec.cmd.clone(),
-            tty: exec.tty,
-            stdin: exec.stdin,
-        };
-        let handle = match self.containers.start_exec(&exec.container_id, &spec).await {
-            Ok(h) => h,
-            Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        let (target, streams, cmd) = match request {
+            StreamRequest::Exec(exec) => {
+                let spec = ExecSpec {
+                    cmd: exec.cmd.clone(),
+                    tty: exec.tty,
+                    stdin: exec.stdin,
+                };
+                match self.containers.start_exec(&exec.container_id, &spec).await {
+                    Ok(h) => (
+                        Target::Exec(h),
+                        websocket::Streams {
+                            stdin: exec.stdin,
+                            stdout: exec.stdout,
+                            stderr: exec.stderr,
+                            tty: exec.tty,
+                        },
+                        exec.cmd,
+                    ),
+                    Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
+            StreamRequest::Attach(attach) => {
+                match self.containers.attach(&attach.container_id).await {
+                    Ok((h, output)) => (
+                        Target::Attach(h, output),
+                        websocket::Streams {
+                            stdin: attach.stdin,
+                            stdout: attach.stdout,
+                            stderr: attach.stderr,
+                            tty: attach.tty,
+                        },
+                        Vec::new(),
+                    ),
+                    Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
+            StreamRequest::PortForward(_) => {
+                return plain(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "port-forward is not implemented yet",
+                )
+            }
         };
         let upgrade = hyper::upgrade::on(&mut req);
         let idle = self.idle;
@@ -192,16 +218,16 @@ impl StreamingServer {
                 Ok(u) => u,
                 Err(e) => {
                     tracing::debug!("upgrade: {e}");
-                    handle.kill().await;
+                    target.abandon().await;
                     return;
                 }
             };
             match session_wire {
                 Wire::WebSocket { protocol, .. } => {
-                    websocket::serve_exec(upgraded, protocol, handle, exec.cmd, streams, idle).await
+                    websocket::serve_exec(upgraded, protocol, target, cmd, streams, idle).await
                 }
                 Wire::Spdy { version } => {
-                    spdy_exec::serve_exec(upgraded, version, handle, exec.cmd, streams, idle).await
+                    spdy_exec::serve_exec(upgraded, version, target, cmd, streams, idle).await
                 }
             }
         });

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use carapace_agent_api::v1::OutputStream;
-use tokio::sync::mpsc;
+use carapace_agent_api::v1::{OutputChunk, OutputStream};
+use tokio::sync::{broadcast, mpsc};
 
 use super::status::{Outcome, TerminalSize};
 use crate::container::stream::ExecHandle;
@@ -35,6 +35,87 @@ pub enum Output {
     Stderr(Vec<u8>),
 }
 
+/// What a session drives.
+pub enum Target {
+    /// A new process (CRI Exec).
+    Exec(ExecHandle),
+    /// The container's own process (CRI Attach) and its output.
+    Attach(ExecHandle, broadcast::Receiver<OutputChunk>),
+}
+
+impl Target {
+    /// Runs the session in its own task.
+    pub fn spawn(
+        self,
+        input: mpsc::Receiver<Input>,
+        output: mpsc::Sender<Output>,
+    ) -> tokio::task::JoinHandle<Outcome> {
+        match self {
+            Target::Exec(handle) => tokio::spawn(run_exec(handle, input, output)),
+            Target::Attach(handle, chunks) => {
+                tokio::spawn(run_attach(handle, chunks, input, output))
+            }
+        }
+    }
+
+    /// The client never came: an exec is killed, an attach left alone.
+    pub async fn abandon(self) {
+        if let Target::Exec(handle) = self {
+            handle.kill().await;
+        }
+    }
+}
+
+fn output_of(chunk: OutputChunk) -> Output {
+    if chunk.stream == OutputStream::Stderr as i32 {
+        Output::Stderr(chunk.data)
+    } else {
+        Output::Stdout(chunk.data)
+    }
+}
+
+/// Forwards one client message to the process.
+async fn forward(handle: &ExecHandle, input: Input) {
+    let result = match input {
+        Input::Stdin(data) => handle.write_stdin(data, false).await,
+        Input::CloseStdin => handle.write_stdin(Vec::new(), true).await,
+        Input::Resize(size) => handle.resize(size.width.into(), size.height.into()).await,
+    };
+    if let Err(e) = result {
+        tracing::debug!("stream input: {e}");
+    }
+}
+
+/// Runs an attach until the container's output ends (success) or the
+/// client leaves (the container goes on). A session that falls more than
+/// the fan-out's depth behind loses the oldest chunks.
+pub async fn run_attach(
+    handle: ExecHandle,
+    mut chunks: broadcast::Receiver<OutputChunk>,
+    mut input: mpsc::Receiver<Input>,
+    output: mpsc::Sender<Output>,
+) -> Outcome {
+    loop {
+        tokio::select! {
+            msg = input.recv() => match msg {
+                Some(msg) => forward(&handle, msg).await,
+                None => return Outcome::Exited(0),
+            },
+            chunk = chunks.recv() => match chunk {
+                Ok(chunk) => {
+                    if output.send(output_of(chunk)).await.is_err() {
+                        return Outcome::Exited(0);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("attach session fell behind: {n} output chunks lost");
+                }
+                Err(broadcast::error::RecvError::Closed) => return Outcome::Exited(0),
+            },
+        }
+    }
+}
+
 /// Runs an exec to its end. When `input` closes (the client went away)
 /// before the exit, the process is killed. All output is sent before this
 /// returns (up to [`OUTPUT_AFTER_EXIT`] after the exit).
@@ -52,12 +133,7 @@ pub async fn run_exec(
     };
     let reader = tokio::spawn(async move {
         while let Ok(Some(chunk)) = stream.message().await {
-            let out = if chunk.stream == OutputStream::Stderr as i32 {
-                Output::Stderr(chunk.data)
-            } else {
-                Output::Stdout(chunk.data)
-            };
-            if output.send(out).await.is_err() {
+            if output.send(output_of(chunk)).await.is_err() {
                 break;
             }
         }
@@ -68,21 +144,7 @@ pub async fn run_exec(
     let status = loop {
         tokio::select! {
             msg = input.recv(), if client_here => match msg {
-                Some(Input::Stdin(data)) => {
-                    if let Err(e) = handle.write_stdin(data, false).await {
-                        tracing::debug!("exec stdin: {e}");
-                    }
-                }
-                Some(Input::CloseStdin) => {
-                    if let Err(e) = handle.write_stdin(Vec::new(), true).await {
-                        tracing::debug!("exec stdin close: {e}");
-                    }
-                }
-                Some(Input::Resize(size)) => {
-                    if let Err(e) = handle.resize(size.width.into(), size.height.into()).await {
-                        tracing::debug!("exec resize: {e}");
-                    }
-                }
+                Some(msg) => forward(&handle, msg).await,
                 None => {
                     client_here = false;
                     handle.kill().await;

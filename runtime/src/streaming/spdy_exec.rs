@@ -12,11 +12,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::session::{run_exec, Input, Output, CHANNEL_DEPTH};
+use super::session::{Input, Output, Target, CHANNEL_DEPTH};
 use super::spdy::{self, Frame, HeaderDecoder, HeaderEncoder, FLAG_FIN};
 use super::status::{Outcome, TerminalSize};
 use super::websocket::Streams;
-use crate::container::stream::ExecHandle;
 
 /// remotecommand versions over SPDY, in the order we prefer them.
 pub const VERSIONS: &[&str] = &[
@@ -60,11 +59,11 @@ enum Write {
     Reply(u32),
 }
 
-/// Serves one exec over an upgraded SPDY connection.
+/// Serves one exec or attach session over an upgraded SPDY connection.
 pub async fn serve_exec(
     upgraded: Upgraded,
     version: &'static str,
-    handle: ExecHandle,
+    target: Target,
     cmd: Vec<String>,
     streams: Streams,
     idle: Duration,
@@ -100,7 +99,7 @@ pub async fn serve_exec(
     let (in_tx, in_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (out_tx, mut out_rx) = mpsc::channel(CHANNEL_DEPTH);
     let mut in_tx = Some(in_tx);
-    let mut session = tokio::spawn(run_exec(handle, in_rx, out_tx));
+    let mut session = target.spawn(in_rx, out_tx);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     let streams_deadline = tokio::time::sleep(STREAMS_TIMEOUT);
@@ -209,10 +208,10 @@ pub async fn serve_exec(
                                 _ => {}
                             }
                         }
-                        Frame::RstStream { stream_id, .. } => {
-                            if roles.get(&stream_id) == Some(&Role::Stdin) {
-                                input = Some(Input::CloseStdin);
-                            }
+                        Frame::RstStream { stream_id, .. }
+                            if roles.get(&stream_id) == Some(&Role::Stdin) =>
+                        {
+                            input = Some(Input::CloseStdin);
                         }
                         Frame::Ping(id) => {
                             let _ = write_tx.send(Write::Frame(Frame::Ping(id))).await;

@@ -16,9 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::session::{run_exec, Input, Output, CHANNEL_DEPTH};
+use super::session::{Input, Output, Target, CHANNEL_DEPTH};
 use super::status::{Outcome, TerminalSize};
-use crate::container::stream::ExecHandle;
 
 pub const STDIN: u8 = 0;
 pub const STDOUT: u8 = 1;
@@ -117,11 +116,11 @@ pub fn config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE))
 }
 
-/// Serves one exec over an upgraded connection.
+/// Serves one exec or attach session over an upgraded connection.
 pub async fn serve_exec(
     upgraded: Upgraded,
     protocol: Protocol,
-    handle: ExecHandle,
+    target: Target,
     cmd: Vec<String>,
     streams: Streams,
     idle: Duration,
@@ -131,7 +130,7 @@ pub async fn serve_exec(
     let (mut sink, mut source) = ws.split();
     let (in_tx, in_rx) = mpsc::channel(CHANNEL_DEPTH);
     let (out_tx, mut out_rx) = mpsc::channel(CHANNEL_DEPTH);
-    let mut session = tokio::spawn(run_exec(handle, in_rx, out_tx));
+    let mut session = target.spawn(in_rx, out_tx);
     let mut in_tx = Some(in_tx);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
