@@ -395,6 +395,82 @@ async fn exec_attach_over_websocket_and_spdy_and_refused_tokens() {
     assert!(read_until(&mut b, "again").await.contains("again"));
     assert!(read_until(&mut c, "again").await.contains("again"));
 
+    // The real kubectl (a Go client: gorilla/websocket, and spdystream with
+    // Go's zlib) through a fake API server that forwards its exec request
+    // to the URL of a CRI Exec, as kubelet's proxy does.
+    let api = fake_apiserver(cri.clone(), id.clone()).await;
+    let kubeconfig = logs.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{api}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    namespace: default\n\
+             current-context: c\nusers: []\n"
+        ),
+    )
+    .unwrap();
+    for websockets in ["true", "false"] {
+        let out = tokio::process::Command::new("kubectl")
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "exec",
+                "stream",
+                "-c",
+                "app",
+                "--",
+                "sh",
+                "-c",
+                "echo from kubectl; echo to stderr >&2; exit 5",
+            ])
+            .output()
+            .await
+            .expect("running kubectl (scripts/setup.sh installs it)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stdout, "from kubectl\n",
+            "websockets={websockets}: {stderr}"
+        );
+        assert!(
+            stderr.contains("to stderr"),
+            "websockets={websockets}: {stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "websockets={websockets}: {stderr}"
+        );
+        let out = tokio::process::Command::new("kubectl")
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["exec", "-i", "stream", "-c", "app", "--", "cat"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = out;
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"piped through\n").await.unwrap();
+        }
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("kubectl exec -i ended")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "piped through\n",
+            "websockets={websockets}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(0));
+    }
+
     cri.stop_pod_sandbox(StopPodSandboxRequest {
         pod_sandbox_id: pod.clone(),
     })
@@ -510,4 +586,113 @@ async fn spdy_exec(url: &str, stdin: Option<&[u8]>) -> Seen {
         .expect("the SPDY session ended");
     assert_eq!(replies, roles.len(), "one SYN_REPLY per stream");
     seen
+}
+
+/// Decodes a query value (`+` and `%XX`).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// An API server that knows one running pod `stream` and forwards its exec
+/// requests (WebSocket or SPDY) to the streaming server, for `container`.
+async fn fake_apiserver(cri: Cri, container: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut cri = cri.clone();
+            let container = container.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                let (line, rest) = head.split_once("\r\n").unwrap();
+                let mut parts = line.split(' ');
+                let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                if path == "/api/v1/namespaces/default/pods/stream/exec" {
+                    let mut request = ExecRequest {
+                        container_id: container,
+                        ..Default::default()
+                    };
+                    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+                        let v = unescape(v);
+                        match k {
+                            "command" => request.cmd.push(v),
+                            "stdin" => request.stdin = v == "true",
+                            "stdout" => request.stdout = v == "true",
+                            "stderr" => request.stderr = v == "true",
+                            "tty" => request.tty = v == "true",
+                            _ => {}
+                        }
+                    }
+                    let url = cri.exec(request).await.expect("Exec").into_inner().url;
+                    let rest_url = url.strip_prefix("http://").unwrap();
+                    let (up_addr, up_path) = rest_url.split_at(rest_url.find('/').unwrap());
+                    let mut up = tokio::net::TcpStream::connect(up_addr).await.unwrap();
+                    up.write_all(format!("{method} {up_path} HTTP/1.1\r\n{rest}").as_bytes())
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+                } else if let Some(body) = match path {
+                    "/api/v1/namespaces/default/pods/stream" => Some(
+                        r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"stream","namespace":"default"},"spec":{"containers":[{"name":"app","image":"busybox"}]},"status":{"phase":"Running"}}"#,
+                    ),
+                    // Discovery, the legacy (unaggregated) way.
+                    "/api" => Some(
+                        r#"{"kind":"APIVersions","versions":["v1"],"serverAddressByClientCIDRs":[]}"#,
+                    ),
+                    "/apis" => Some(r#"{"kind":"APIGroupList","apiVersion":"v1","groups":[]}"#),
+                    "/api/v1" => Some(
+                        r#"{"kind":"APIResourceList","groupVersion":"v1","resources":[{"name":"pods","singularName":"pod","namespaced":true,"kind":"Pod","verbs":["get","list"],"shortNames":["po"]},{"name":"pods/exec","singularName":"","namespaced":true,"kind":"PodExecOptions","verbs":["create","get"]}]}"#,
+                    ),
+                    _ => None,
+                } {
+                    let _ = tcp
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                } else {
+                    let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+                    let _ = tcp
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    addr
 }

@@ -12,7 +12,8 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -110,6 +111,13 @@ pub struct Streams {
     pub tty: bool,
 }
 
+fn normal_close() -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }))
+}
+
 pub fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
@@ -187,7 +195,7 @@ pub async fn serve_exec(
             }
             _ = &mut idle_timer => {
                 tracing::info!("closing an idle exec session after {idle:?}");
-                let _ = sink.send(Message::Close(None)).await;
+                let _ = sink.send(normal_close()).await;
                 return;
             }
         }
@@ -210,7 +218,9 @@ pub async fn serve_exec(
     if let Some(status) = status {
         let _ = sink.send(protocol.encode(ERROR, status.as_bytes())).await;
     }
-    let _ = sink.send(Message::Close(None)).await;
+    // A normal closure (1000): Kubernetes' Go client reports a close without
+    // a status code (1005) as an error on the error stream.
+    let _ = sink.send(normal_close()).await;
     let _ = sink.flush().await;
 }
 
