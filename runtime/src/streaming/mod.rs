@@ -116,16 +116,9 @@ impl StreamingServer {
     }
 
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
-        let path = req.uri().path().to_owned();
-        let Some((kind, token)) = path.trim_start_matches('/').split_once('/') else {
-            return plain(StatusCode::NOT_FOUND, "not found");
-        };
-        let request = match self.tokens.take(token) {
-            Ok(r) if r.kind() == kind => r,
-            Ok(_) | Err(TokenError::Unknown) | Err(TokenError::Full) => {
-                return plain(StatusCode::NOT_FOUND, "unknown or already used token")
-            }
-            Err(TokenError::Expired) => return plain(StatusCode::GONE, "expired token"),
+        let request = match take_token(&self.tokens, req.uri().path()) {
+            Ok(r) => r,
+            Err((status, why)) => return plain(status, why),
         };
         let upgrade = header(&req, UPGRADE)
             .unwrap_or_default()
@@ -280,6 +273,24 @@ enum Wire {
     },
 }
 
+/// The request a URL path (`/<kind>/<token>`) stands for, taking its token;
+/// or the answer to a refused one.
+fn take_token(
+    tokens: &tokens::Tokens<StreamRequest>,
+    path: &str,
+) -> Result<StreamRequest, (StatusCode, &'static str)> {
+    let Some((kind, token)) = path.trim_start_matches('/').split_once('/') else {
+        return Err((StatusCode::NOT_FOUND, "not found"));
+    };
+    match tokens.take(token) {
+        Ok(r) if r.kind() == kind => Ok(r),
+        Ok(_) | Err(TokenError::Unknown) | Err(TokenError::Full) => {
+            Err((StatusCode::NOT_FOUND, "unknown or already used token"))
+        }
+        Err(TokenError::Expired) => Err((StatusCode::GONE, "expired token")),
+    }
+}
+
 fn header(req: &Request<Incoming>, name: hyper::header::HeaderName) -> Option<String> {
     req.headers()
         .get(name)
@@ -291,4 +302,51 @@ fn plain(status: StatusCode, message: &str) -> Response<Body> {
     let mut response = Response::new(Body::new(Bytes::from(format!("{message}\n"))));
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec() -> StreamRequest {
+        StreamRequest::Exec(ExecRequest::default())
+    }
+
+    #[test]
+    fn paths_take_tokens_once_and_of_their_kind() {
+        let tokens = tokens::Tokens::new(Duration::from_secs(60));
+        let t = tokens.issue(exec()).unwrap();
+        assert!(take_token(&tokens, &format!("/exec/{t}")).is_ok());
+        assert_eq!(
+            take_token(&tokens, &format!("/exec/{t}")).unwrap_err().0,
+            StatusCode::NOT_FOUND
+        );
+        // A token used on the wrong path is gone too.
+        let t = tokens.issue(exec()).unwrap();
+        assert_eq!(
+            take_token(&tokens, &format!("/attach/{t}")).unwrap_err().0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            take_token(&tokens, &format!("/exec/{t}")).unwrap_err().0,
+            StatusCode::NOT_FOUND
+        );
+        for bad in ["", "/", "/exec", "/exec/", "/exec/zz", "//x"] {
+            assert_eq!(
+                take_token(&tokens, bad).unwrap_err().0,
+                StatusCode::NOT_FOUND
+            );
+        }
+    }
+
+    #[test]
+    fn expired_tokens_are_gone() {
+        let tokens = tokens::Tokens::new(Duration::from_millis(1));
+        let t = tokens.issue(exec()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            take_token(&tokens, &format!("/exec/{t}")).unwrap_err().0,
+            StatusCode::GONE
+        );
+    }
 }
