@@ -398,7 +398,14 @@ async fn exec_attach_over_websocket_and_spdy_and_refused_tokens() {
     // The real kubectl (a Go client: gorilla/websocket, and spdystream with
     // Go's zlib) through a fake API server that forwards its exec request
     // to the URL of a CRI Exec, as kubelet's proxy does.
-    let api = fake_apiserver(cri.clone(), id.clone()).await;
+    let api = fake_apiserver(
+        cri.clone(),
+        HashMap::from([
+            ("app".to_string(), id.clone()),
+            ("echoer".to_string(), echoer.clone()),
+        ]),
+    )
+    .await;
     let kubeconfig = logs.path().join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -469,6 +476,53 @@ async fn exec_attach_over_websocket_and_spdy_and_refused_tokens() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(out.status.code(), Some(0));
+
+        // kubectl attach -i to the `cat` container: its line comes back.
+        let mut child = tokio::process::Command::new("kubectl")
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["attach", "-i", "stream", "-c", "echoer"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let line = format!("attached with websockets={websockets}\n");
+        let mut seen = String::new();
+        let read = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            // kubectl may connect after the first write: repeat it.
+            loop {
+                stdin.write_all(line.as_bytes()).await.unwrap();
+                let mut buf = [0u8; 4096];
+                match tokio::time::timeout(Duration::from_secs(1), stdout.read(&mut buf)).await {
+                    Ok(Ok(0)) => panic!("kubectl attach ended: {seen:?}"),
+                    Ok(Ok(n)) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                    Ok(Err(e)) => panic!("{e}"),
+                    Err(_) => {}
+                }
+                if seen.contains(&line) {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .is_err()
+        {
+            child.start_kill().unwrap();
+            let out = child.wait_with_output().await.unwrap();
+            panic!(
+                "kubectl attach (websockets={websockets}) never echoed: {seen:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        child.start_kill().unwrap();
+        let _ = child.wait().await;
     }
 
     cri.stop_pod_sandbox(StopPodSandboxRequest {
@@ -609,7 +663,7 @@ fn unescape(s: &str) -> String {
 
 /// An API server that knows one running pod `stream` and forwards its exec
 /// requests (WebSocket or SPDY) to the streaming server, for `container`.
-async fn fake_apiserver(cri: Cri, container: String) -> std::net::SocketAddr {
+async fn fake_apiserver(cri: Cri, containers: HashMap<String, String>) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -617,7 +671,7 @@ async fn fake_apiserver(cri: Cri, container: String) -> std::net::SocketAddr {
         loop {
             let (mut tcp, _) = listener.accept().await.unwrap();
             let mut cri = cri.clone();
-            let container = container.clone();
+            let containers = containers.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
@@ -632,15 +686,14 @@ async fn fake_apiserver(cri: Cri, container: String) -> std::net::SocketAddr {
                 let mut parts = line.split(' ');
                 let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
                 let (path, query) = target.split_once('?').unwrap_or((target, ""));
-                if path == "/api/v1/namespaces/default/pods/stream/exec" {
-                    let mut request = ExecRequest {
-                        container_id: container,
-                        ..Default::default()
-                    };
+                let kind = path.strip_prefix("/api/v1/namespaces/default/pods/stream/");
+                if kind == Some("exec") || kind == Some("attach") {
+                    let mut request = ExecRequest::default();
                     for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
                         let v = unescape(v);
                         match k {
                             "command" => request.cmd.push(v),
+                            "container" => request.container_id = containers[&v].clone(),
                             "stdin" => request.stdin = v == "true",
                             "stdout" => request.stdout = v == "true",
                             "stderr" => request.stderr = v == "true",
@@ -648,7 +701,21 @@ async fn fake_apiserver(cri: Cri, container: String) -> std::net::SocketAddr {
                             _ => {}
                         }
                     }
-                    let url = cri.exec(request).await.expect("Exec").into_inner().url;
+                    let url = if kind == Some("exec") {
+                        cri.exec(request).await.expect("Exec").into_inner().url
+                    } else {
+                        cri.attach(AttachRequest {
+                            container_id: request.container_id,
+                            stdin: request.stdin,
+                            tty: request.tty,
+                            stdout: request.stdout,
+                            stderr: request.stderr,
+                        })
+                        .await
+                        .expect("Attach")
+                        .into_inner()
+                        .url
+                    };
                     let rest_url = url.strip_prefix("http://").unwrap();
                     let (up_addr, up_path) = rest_url.split_at(rest_url.find('/').unwrap());
                     let mut up = tokio::net::TcpStream::connect(up_addr).await.unwrap();
@@ -658,7 +725,7 @@ async fn fake_apiserver(cri: Cri, container: String) -> std::net::SocketAddr {
                     let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
                 } else if let Some(body) = match path {
                     "/api/v1/namespaces/default/pods/stream" => Some(
-                        r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"stream","namespace":"default"},"spec":{"containers":[{"name":"app","image":"busybox"}]},"status":{"phase":"Running"}}"#,
+                        r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"stream","namespace":"default"},"spec":{"containers":[{"name":"app","image":"busybox"},{"name":"echoer","image":"busybox","stdin":true}]},"status":{"phase":"Running"}}"#,
                     ),
                     // Discovery, the legacy (unaggregated) way.
                     "/api" => Some(
