@@ -5,7 +5,7 @@
 
 pub mod session;
 pub mod spdy;
-pub mod spdy_exec;
+pub mod spdy_remotecommand;
 pub mod status;
 pub mod tokens;
 pub mod websocket;
@@ -145,7 +145,7 @@ impl StreamingServer {
                     .iter()
                     .filter_map(|v| v.to_str().ok().map(str::to_owned))
                     .collect();
-                let Some(version) = spdy_exec::negotiate(&offered) else {
+                let Some(version) = spdy_remotecommand::negotiate(&offered) else {
                     return plain(
                         StatusCode::FORBIDDEN,
                         "no supported X-Stream-Protocol-Version",
@@ -170,7 +170,7 @@ impl StreamingServer {
                 match self.containers.start_exec(&exec.container_id, &spec).await {
                     Ok(h) => (
                         Target::Exec(h),
-                        websocket::Streams {
+                        session::Streams {
                             stdin: exec.stdin,
                             stdout: exec.stdout,
                             stderr: exec.stderr,
@@ -185,7 +185,7 @@ impl StreamingServer {
                 match self.containers.attach(&attach.container_id).await {
                     Ok((h, output)) => (
                         Target::Attach(h, output),
-                        websocket::Streams {
+                        session::Streams {
                             stdin: attach.stdin,
                             stdout: attach.stdout,
                             stderr: attach.stderr,
@@ -217,10 +217,10 @@ impl StreamingServer {
             };
             match session_wire {
                 Wire::WebSocket { protocol, .. } => {
-                    websocket::serve_exec(upgraded, protocol, target, cmd, streams, idle).await
+                    websocket::serve(upgraded, protocol, target, cmd, streams, idle).await
                 }
                 Wire::Spdy { version } => {
-                    spdy_exec::serve_exec(upgraded, version, target, cmd, streams, idle).await
+                    spdy_remotecommand::serve(upgraded, version, target, cmd, streams, idle).await
                 }
             }
         });

@@ -20,6 +20,15 @@ pub const CHANNEL_DEPTH: usize = 16;
 /// keeps the pipe open) before the status is sent anyway.
 const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(5);
 
+/// Which streams the client asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct Streams {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
 /// From the client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Input {

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::session::{Input, Output, Target, CHANNEL_DEPTH};
+use super::session::{Input, Output, Streams, Target, CHANNEL_DEPTH};
 use super::status::{Outcome, TerminalSize};
 
 pub const STDIN: u8 = 0;
@@ -102,15 +102,6 @@ impl Protocol {
     }
 }
 
-/// Which streams the client asked for.
-#[derive(Debug, Clone, Copy)]
-pub struct Streams {
-    pub stdin: bool,
-    pub stdout: bool,
-    pub stderr: bool,
-    pub tty: bool,
-}
-
 fn normal_close() -> Message {
     Message::Close(Some(CloseFrame {
         code: CloseCode::Normal,
@@ -125,7 +116,7 @@ pub fn config() -> WebSocketConfig {
 }
 
 /// Serves one exec or attach session over an upgraded connection.
-pub async fn serve_exec(
+pub async fn serve(
     upgraded: Upgraded,
     protocol: Protocol,
     target: Target,

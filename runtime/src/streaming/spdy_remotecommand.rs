@@ -1,4 +1,4 @@
-//! Exec over SPDY/3.1 (what crictl and kubelet's proxy speak by default):
+//! Exec and attach over SPDY/3.1 (what crictl and kubelet's proxy speak by default):
 //! after the HTTP upgrade the client opens one stream per role, named by
 //! its `streamType` header (`error`, `stdin`, `stdout`, `stderr`,
 //! `resize`); we acknowledge each with a SYN_REPLY, copy data between them
@@ -12,10 +12,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::session::{Input, Output, Target, CHANNEL_DEPTH};
+use super::session::{Input, Output, Streams, Target, CHANNEL_DEPTH};
 use super::spdy::{self, Frame, HeaderDecoder, HeaderEncoder, FLAG_FIN};
 use super::status::{Outcome, TerminalSize};
-use super::websocket::Streams;
 
 /// remotecommand versions over SPDY, in the order we prefer them.
 pub const VERSIONS: &[&str] = &[
@@ -60,7 +59,7 @@ enum Write {
 }
 
 /// Serves one exec or attach session over an upgraded SPDY connection.
-pub async fn serve_exec(
+pub async fn serve(
     upgraded: Upgraded,
     version: &'static str,
     target: Target,
