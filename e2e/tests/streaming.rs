@@ -118,6 +118,95 @@ async fn connect(url: &str, protocol: &str) -> Result<Ws, WsError> {
     Ok(ws)
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sessions_close_and_tokens_expire() {
+    let mut daemon = Daemon::start_with_busybox().await;
+    daemon.append_config("[streaming]\nidle_timeout_secs = 2\ntoken_ttl_secs = 1");
+    daemon.restart().await;
+    let mut cri = daemon.runtime().await;
+    let logs = tempfile::tempdir().unwrap();
+    let pod_config = pod_config(logs.path());
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let id = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container("app", &["sleep", "3600"])),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("StartContainer");
+    wait_running(&mut cri, &id).await;
+
+    // An expired URL: 410.
+    let url = exec_url(&mut cri, exec_request(&id, &["true"], false, false)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    match connect(&url, "v5.channel.k8s.io").await {
+        Err(WsError::Http(r)) => assert_eq!(r.status(), 410),
+        other => panic!("an expired token was accepted: {:?}", other.map(|_| ())),
+    }
+
+    // A silent session is closed after the idle timeout, its process killed.
+    let url = exec_url(&mut cri, exec_request(&id, &["sleep", "31"], false, false)).await;
+    let started = Instant::now();
+    let mut ws = connect(&url, "v5.channel.k8s.io").await.unwrap();
+    assert!(sleepers(&mut cri, &id).await > 0, "the exec is not running");
+    let seen = read_all(&mut ws).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "closed after {took:?}: {seen:?}"
+    );
+    assert!(seen.status.is_empty(), "{seen:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleepers(&mut cri, &id).await > 0 {
+        assert!(Instant::now() < deadline, "the idle exec still runs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("RemovePodSandbox");
+}
+
+/// How many `sleep 31` processes run in the container.
+async fn sleepers(cri: &mut Cri, id: &str) -> usize {
+    let ps = cri
+        .exec_sync(k8s_cri::v1::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: vec!["ps".into(), "-o".into(), "args".into()],
+            timeout: 10,
+        })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.trim() == "sleep 31")
+        .count()
+}
+
 /// Reads stdout until it contains `needle`.
 async fn read_until(ws: &mut Ws, needle: &str) -> String {
     let mut stdout = String::new();
