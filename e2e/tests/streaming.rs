@@ -411,14 +411,23 @@ async fn exec_attach_over_websocket_and_spdy_and_refused_tokens() {
         ),
     )
     .await;
-    let seen = spdy_exec(&url, None).await;
+    let seen = spdy_exec(&url, None, None).await;
     assert_eq!(seen.stdout, "spdy\n", "{seen:?}");
     assert_eq!(seen.stderr, "oops\n", "{seen:?}");
     let status = status_json(&seen);
     assert_eq!(status["details"]["causes"][0]["message"], "7", "{seen:?}");
     let url = exec_url(&mut cri, exec_request(&id, &["cat"], true, false)).await;
-    let seen = spdy_exec(&url, Some(b"over spdy\n")).await;
+    let seen = spdy_exec(&url, Some(b"over spdy\n"), None).await;
     assert_eq!(seen.stdout, "over spdy\n", "{seen:?}");
+    assert_eq!(status_json(&seen)["status"], "Success");
+    // A terminal and its resize stream.
+    let url = exec_url(
+        &mut cri,
+        exec_request(&id, &["sh", "-c", "read x; stty size"], true, true),
+    )
+    .await;
+    let seen = spdy_exec(&url, Some(b"go\r"), Some(r#"{"Width":91,"Height":17}"#)).await;
+    assert!(seen.stdout.contains("17 91"), "{seen:?}");
     assert_eq!(status_json(&seen)["status"], "Success");
 
     // Attach: two sessions to a container whose main process is `cat` with
@@ -628,7 +637,7 @@ async fn exec_attach_over_websocket_and_spdy_and_refused_tokens() {
 
 /// A SPDY/3.1 remotecommand client (v4): upgrade, open the error, stdout,
 /// stderr (and stdin) streams, read to the end of the error stream.
-async fn spdy_exec(url: &str, stdin: Option<&[u8]>) -> Seen {
+async fn spdy_exec(url: &str, stdin: Option<&[u8]>, resize: Option<&str>) -> Seen {
     use carapace::streaming::spdy::{Frame, HeaderDecoder, HeaderEncoder, FLAG_FIN};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -664,9 +673,16 @@ async fn spdy_exec(url: &str, stdin: Option<&[u8]>) -> Seen {
 
     let mut enc = HeaderEncoder::new();
     let mut dec = HeaderDecoder::new();
-    let mut roles = vec![(1u32, "error"), (3, "stdout"), (5, "stderr")];
+    // A terminal has one output stream.
+    let mut roles = vec![(1u32, "error"), (3, "stdout")];
+    if resize.is_none() {
+        roles.push((5, "stderr"));
+    }
     if stdin.is_some() {
         roles.push((7, "stdin"));
+    }
+    if resize.is_some() {
+        roles.push((9, "resize"));
     }
     for (id, role) in &roles {
         let block = enc.encode(&[("streamType", role)]).unwrap();
@@ -678,6 +694,19 @@ async fn spdy_exec(url: &str, stdin: Option<&[u8]>) -> Seen {
             block,
         };
         tcp.write_all(&frame.encode()).await.unwrap();
+    }
+    if let Some(size) = resize {
+        // Split in two frames: the server must reassemble JSON objects.
+        let (a, b) = size.as_bytes().split_at(size.len() / 2);
+        for part in [a, b] {
+            let frame = Frame::Data {
+                stream_id: 9,
+                flags: 0,
+                data: part.to_vec(),
+            };
+            tcp.write_all(&frame.encode()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     if let Some(data) = stdin {
         let frame = Frame::Data {
