@@ -1,5 +1,6 @@
-//! Exec, Attach and PortForward: validated here, then answered with a URL
-//! on the streaming server, where the stream itself is served.
+//! Exec and Attach: validated here, then answered with a URL on the
+//! streaming server, where the stream itself is served. PortForward is not
+//! implemented yet.
 
 use k8s_cri::v1::{
     AttachRequest, AttachResponse, ExecRequest, ExecResponse, PortForwardRequest,
@@ -57,25 +58,14 @@ impl CriService {
         Ok(AttachResponse { url })
     }
 
+    /// Port-forward needs an agent RPC that carries a TCP connection over
+    /// vsock (not there yet): refused here rather than with a URL that
+    /// could only fail.
     pub(super) async fn port_forward(
         &self,
-        request: PortForwardRequest,
+        _request: PortForwardRequest,
     ) -> Result<PortForwardResponse, CriError> {
-        if request.pod_sandbox_id.is_empty() {
-            return Err(CriError::InvalidArgument("pod sandbox id is empty".into()));
-        }
-        if request.port.iter().any(|p| !(1..=65535).contains(p)) {
-            return Err(CriError::InvalidArgument(format!(
-                "invalid ports {:?}",
-                request.port
-            )));
-        }
-        let sandbox = self.sandboxes.get(&request.pod_sandbox_id).ok_or_else(|| {
-            CriError::NotFound(format!("pod sandbox {} not found", request.pod_sandbox_id))
-        })?;
-        drop(sandbox);
-        let url = self.issue(StreamRequest::PortForward(request))?;
-        Ok(PortForwardResponse { url })
+        Err(CriError::Unimplemented("PortForward"))
     }
 }
 
