@@ -26,6 +26,7 @@ packages=(
   pkg-config gcc make         # -sys crates
   libcap-ng-dev libseccomp-dev  # virtiofsd's build (and its runtime libraries)
   flex bison libelf-dev libssl-dev bc cpio xz-utils   # guest kernel build
+  kubectl                     # e2e: kubectl exec against the streaming server (WebSocket and SPDY)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -147,6 +147,17 @@ impl Daemon {
         RuntimeServiceClient::new(connect(&self.socket).await)
     }
 
+    /// Appends `toml` to the daemon's config file; it takes effect at the
+    /// next [`Daemon::restart`].
+    pub fn append_config(&self, toml: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .expect("opening the daemon config");
+        writeln!(f, "{toml}").expect("writing the daemon config");
+    }
+
     /// Stops the daemon with SIGTERM (pod VMs keep running) and starts it
     /// again on the same state.
     pub async fn restart(&mut self) {

@@ -63,6 +63,33 @@ pub struct Config {
     pub vm: VmConfig,
     /// Insecure registries and mirrors (see docs/images.md).
     pub registry: RegistryConfig,
+    /// The streaming server for exec, attach and port-forward.
+    pub streaming: StreamingConfig,
+}
+
+/// The streaming server (see docs/streaming.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    /// Address to listen on; port 0 picks a free port. Loopback by default:
+    /// kubelet, on the same node, proxies the API server's requests to it.
+    pub address: std::net::SocketAddr,
+    /// A session with no traffic in either direction for this long is
+    /// closed (kubelet's streaming-connection-idle-timeout), in seconds.
+    pub idle_timeout_secs: u64,
+    /// How long a URL returned by Exec, Attach or PortForward stays valid,
+    /// in seconds.
+    pub token_ttl_secs: u64,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        Self {
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            idle_timeout_secs: 4 * 3600,
+            token_ttl_secs: 60,
+        }
+    }
 }
 
 /// How pod VMs are built.
@@ -99,6 +126,7 @@ impl Default for Config {
             log_level: "info".into(),
             vm: VmConfig::default(),
             registry: RegistryConfig::default(),
+            streaming: StreamingConfig::default(),
         }
     }
 }
@@ -165,6 +193,12 @@ impl Config {
         if vm.default_mem_mib < 64 {
             return Err("vm.default_mem_mib must be at least 64".into());
         }
+        if self.streaming.idle_timeout_secs == 0 || self.streaming.token_ttl_secs == 0 {
+            return Err(
+                "streaming.idle_timeout_secs and streaming.token_ttl_secs must be at least 1"
+                    .into(),
+            );
+        }
         if vm.boot_timeout_secs == 0 {
             return Err("vm.boot_timeout_secs must be at least 1".into());
         }
@@ -221,6 +255,19 @@ mod tests {
         assert_eq!(c.vm.driver, DriverChoice::Qemu);
         assert_eq!(c.vm.default_mem_mib, 512);
         assert_eq!(c.vm.default_vcpus, 1);
+    }
+
+    #[test]
+    fn streaming_defaults_to_loopback_and_parses() {
+        let c = Config::parse("").ok().unwrap();
+        assert!(c.streaming.address.ip().is_loopback());
+        assert_eq!(c.streaming.idle_timeout_secs, 4 * 3600);
+        let c = Config::parse("[streaming]\naddress = \"0.0.0.0:10010\"\ntoken_ttl_secs = 5\n")
+            .ok()
+            .unwrap();
+        assert_eq!(c.streaming.address.port(), 10010);
+        assert_eq!(c.streaming.token_ttl_secs, 5);
+        assert!(Config::parse("[streaming]\nidle_timeout_secs = 0").is_err());
     }
 
     #[test]

@@ -12,4 +12,5 @@ pub mod host_cgroup;
 pub mod image;
 pub mod sandbox;
 pub mod state;
+pub mod streaming;
 pub mod vm;

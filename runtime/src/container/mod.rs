@@ -15,6 +15,7 @@
 pub mod log;
 pub mod record;
 pub mod spec;
+pub mod stream;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -152,6 +153,8 @@ pub struct Containers {
     /// Reserved names → container id.
     names: std::sync::Mutex<HashMap<String, String>>,
     events: broadcast::Sender<ContainerEvent>,
+    /// Running containers' output for attach sessions.
+    fanout: stream::OutputFanout,
 }
 
 fn agent_err(status: tonic::Status) -> ContainerError {
@@ -185,6 +188,7 @@ impl Containers {
             all: Default::default(),
             names: Default::default(),
             events,
+            fanout: Default::default(),
         });
         let mut running = Vec::new();
         for record in loaded {
@@ -555,7 +559,14 @@ impl Containers {
             let log_task = log_path.as_ref().map(|path| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 *lock(&entry.reopen) = Some(tx);
-                tokio::spawn(copy_output(agent.clone(), id.to_owned(), path.clone(), rx))
+                let fanout = self.fanout.open(id);
+                tokio::spawn(copy_output(
+                    agent.clone(),
+                    id.to_owned(),
+                    path.clone(),
+                    rx,
+                    fanout,
+                ))
             });
             let waited = agent
                 .rpc()
@@ -590,6 +601,7 @@ impl Containers {
             }
         };
         *lock(&entry.reopen) = None;
+        self.fanout.close(id);
         let mut record = entry.record.lock().await;
         if record.state != ContainerState::Running {
             return;
@@ -966,12 +978,14 @@ fn process_of(request: &CreateContainerRequest) -> Result<String, ContainerError
 }
 
 /// Copies a container's output into its CRI log until the output ends;
-/// reopens the file when asked.
+/// reopens the file when asked. Every chunk also goes to `fanout`, for
+/// attach sessions (which may lose chunks; the log never does).
 async fn copy_output(
     agent: AgentClient,
     id: String,
     path: PathBuf,
     mut reopen: mpsc::UnboundedReceiver<ReopenRequest>,
+    fanout: broadcast::Sender<carapace_agent_api::v1::OutputChunk>,
 ) {
     let mut log = match log::CriLog::open(&path) {
         Ok(log) => log,
@@ -1008,6 +1022,7 @@ async fn copy_output(
                     if let Err(e) = log.write(which, &chunk.data, SystemTime::now()) {
                         tracing::error!(id, "{e}");
                     }
+                    let _ = fanout.send(chunk);
                 }
                 Ok(None) => break,
                 Err(e) => {

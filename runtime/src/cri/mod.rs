@@ -10,6 +10,7 @@ mod sandbox_list;
 mod sandbox_run;
 mod sandbox_status;
 mod stats;
+mod streaming;
 mod version;
 
 use std::future::Future;
@@ -123,6 +124,9 @@ pub struct CriService {
     pub sandboxes: Arc<Sandboxes>,
     pub containers: Arc<crate::container::Containers>,
     pub cpu_samples: Arc<stats::CpuSamples>,
+    /// Where Exec, Attach and PortForward send their clients (none: those
+    /// calls answer Unavailable).
+    pub streaming: Option<Arc<crate::streaming::StreamingServer>>,
     /// Set when the daemon shuts down: endless streams (events) end, so
     /// that the server's graceful shutdown does not wait for them.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
@@ -134,8 +138,15 @@ impl CriService {
             sandboxes,
             containers,
             cpu_samples: Default::default(),
+            streaming: None,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// With the streaming server for Exec, Attach and PortForward.
+    pub fn with_streaming(mut self, server: Arc<crate::streaming::StreamingServer>) -> Self {
+        self.streaming = Some(server);
+        self
     }
 
     /// Ends the streams that would otherwise never end.

@@ -1,5 +1,5 @@
 //! The RuntimeService trait: each call delegates to its own module through
-//! the [`rpc`] wrapper. Calls not implemented yet (streaming, checkpoints,
+//! the [`rpc`] wrapper. Calls not implemented yet (checkpoints,
 //! metrics, runtime config updates) answer `Unimplemented`
 //! with the call's name.
 
@@ -200,25 +200,22 @@ impl RuntimeService for CriService {
         .await
     }
 
-    async fn exec(&self, _request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
-        rpc("Exec", async { Err(CriError::Unimplemented("Exec")) }).await
+    async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        rpc("Exec", self.exec(request.into_inner())).await
     }
 
     async fn attach(
         &self,
-        _request: Request<AttachRequest>,
+        request: Request<AttachRequest>,
     ) -> Result<Response<AttachResponse>, Status> {
-        rpc("Attach", async { Err(CriError::Unimplemented("Attach")) }).await
+        rpc("Attach", self.attach(request.into_inner())).await
     }
 
     async fn port_forward(
         &self,
-        _request: Request<PortForwardRequest>,
+        request: Request<PortForwardRequest>,
     ) -> Result<Response<PortForwardResponse>, Status> {
-        rpc("PortForward", async {
-            Err(CriError::Unimplemented("PortForward"))
-        })
-        .await
+        rpc("PortForward", self.port_forward(request.into_inner())).await
     }
 
     async fn container_stats(
