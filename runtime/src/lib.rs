@@ -9,6 +9,7 @@ pub mod cri;
 pub mod demo;
 pub mod host;
 pub mod image;
+pub mod network;
 pub mod sandbox;
 pub mod state;
 pub mod vm;
