@@ -8,6 +8,7 @@
 
 pub mod cni;
 pub mod netns;
+pub mod tap;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub enum NetworkError {
         command: &'static str,
         message: String,
     },
+    #[error("{what}: {message}")]
+    Command { what: String, message: String },
     #[error("{what}: {source}")]
     Netns { what: String, source: nix::Error },
     #[error("{what}: {source}")]
