@@ -34,6 +34,15 @@ impl Daemon {
     }
 
     async fn start_with(busybox: bool) -> Daemon {
+        Self::start_with_network(busybox, None).await
+    }
+
+    /// As [`Daemon::start`], with pod networking from the CNI configuration
+    /// directory `cni_conf_dir`, required (`network.required = true`: pods
+    /// fail to start without a usable configuration). Without it (the other
+    /// constructors) the daemon has an empty CNI directory and pods run
+    /// without a network (`required = false`).
+    pub async fn start_with_network(busybox: bool, cni_conf_dir: Option<&Path>) -> Daemon {
         let artifacts = GuestArtifacts::locate();
         let dir = tempfile::Builder::new()
             .prefix("carapace-daemon-")
@@ -45,7 +54,8 @@ impl Daemon {
             &config,
             format!(
                 "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\ncontainers_dir = {:?}\nrun_dir = {:?}\nlog_level = \"info,carapace=debug\"\n\
-                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n",
+                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n\
+                 [network]\ncni_conf_dir = {:?}\nnetns_dir = {:?}\nrequired = {}\n",
                 socket,
                 dir.path().join("state"),
                 dir.path().join("images"),
@@ -53,6 +63,11 @@ impl Daemon {
                 dir.path().join("run"),
                 artifacts.kernel,
                 artifacts.initrd,
+                cni_conf_dir
+                    .map(Path::to_owned)
+                    .unwrap_or_else(|| dir.path().join("cni")),
+                dir.path().join("netns"),
+                cni_conf_dir.is_some(),
             ),
         )
         .expect("writing the daemon config");

@@ -83,6 +83,7 @@ mod tests {
             run_dir: "/run/x".into(),
             vm: None,
             files: Default::default(),
+            network: None,
         }
     }
 

@@ -16,6 +16,8 @@ use tokio::sync::Mutex;
 
 use crate::agent_client::AgentClient;
 use crate::config::Config;
+use crate::network::tap::{self, VmNetwork};
+use crate::network::{Network, NetworkError, PodIdentity, PodNetwork};
 use crate::state::{RecordDir, StateError};
 use crate::vm::qemu::{QemuDriver, QemuError};
 use crate::vm::VmSpec;
@@ -35,6 +37,8 @@ pub enum SandboxError {
     AgentNotReady { reason: String, console: String },
     #[error("pod sandbox {id} is not ready: {reason}")]
     NotReady { id: String, reason: String },
+    #[error("pod network: {0}")]
+    Network(#[from] crate::network::NetworkError),
     #[error("saving pod state: {0}")]
     State(#[from] StateError),
     #[error("{what}: {source}")]
@@ -65,12 +69,15 @@ pub struct NewSandbox {
     /// Pod-level sysctls.
     pub sysctls: std::collections::BTreeMap<String, String>,
     pub size: VmSize,
+    /// CNI capability arguments (`portMappings`, `dns`).
+    pub cni_capability_args: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// All sandboxes of this daemon.
 pub struct Sandboxes {
     config: Config,
     driver: QemuDriver,
+    network: Network,
     records: RecordDir,
     all: std::sync::Mutex<HashMap<String, Arc<Mutex<Sandbox>>>>,
     /// Reserved names → sandbox id (includes sandboxes being created).
@@ -114,6 +121,7 @@ impl Sandboxes {
         }
         tracing::info!("loaded {} pod sandboxes", all.len());
         Ok(Self {
+            network: Network::new(config.network.clone()),
             config,
             driver,
             records,
@@ -130,6 +138,11 @@ impl Sandboxes {
             .filter(|(_, path)| !path.is_file())
             .map(|(what, path)| format!("{what} {} is missing", path.display()))
             .collect()
+    }
+
+    /// Whether pods can get a network now: `Err` says why not.
+    pub fn network_status(&self) -> Result<(), NetworkError> {
+        self.network.conf().map(|_| ())
     }
 
     /// The daemon's configuration.
@@ -195,7 +208,76 @@ impl Sandboxes {
         }
     }
 
+    /// Sets up the pod's network (unless there is no CNI config and the
+    /// network is not required), then boots its VM on it; on failure
+    /// the network is torn down again.
     async fn boot(&self, id: &str, new: NewSandbox) -> Result<Sandbox, SandboxError> {
+        let network = match self.network.conf() {
+            Err(NetworkError::NoConfig(why)) if !self.config.network.required => {
+                tracing::info!(id, "pod without a network: {why}");
+                None
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {
+                let pod = PodIdentity {
+                    sandbox_id: id.to_owned(),
+                    name: new.meta.name.clone(),
+                    namespace: new.meta.namespace.clone(),
+                    uid: new.meta.uid.clone(),
+                };
+                let net = self
+                    .network
+                    .setup(&pod, new.cni_capability_args.clone())
+                    .await?;
+                let netns = net.netns.clone();
+                match tokio::task::spawn_blocking(move || tap::setup(&netns)).await {
+                    Ok(Ok(vm_net)) => Some((net, vm_net)),
+                    result => {
+                        let e = match result {
+                            Ok(Err(e)) => e,
+                            _ => NetworkError::Command {
+                                what: "setting up the tap".into(),
+                                message: "task failed".into(),
+                            },
+                        };
+                        self.teardown_network(&net).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        let pod_net = network.as_ref().map(|(net, _)| net.clone());
+        let result = self.boot_vm(id, new, network).await;
+        if let (Err(_), Some(net)) = (&result, &pod_net) {
+            self.teardown_network(net).await;
+        }
+        result
+    }
+
+    /// Best-effort teardown on a failed start (logged).
+    async fn teardown_network(&self, net: &PodNetwork) {
+        if let Err(e) = self.release_network(net).await {
+            tracing::warn!("tearing down the network of a pod that failed to start: {e}");
+        }
+    }
+
+    /// Removes the tap and tc rules, runs CNI DEL, removes the namespace.
+    async fn release_network(&self, net: &PodNetwork) -> Result<(), NetworkError> {
+        let netns = net.netns.clone();
+        let _ = tokio::task::spawn_blocking(move || tap::teardown(&netns)).await;
+        self.network.teardown(net).await
+    }
+
+    async fn boot_vm(
+        &self,
+        id: &str,
+        new: NewSandbox,
+        network: Option<(PodNetwork, VmNetwork)>,
+    ) -> Result<Sandbox, SandboxError> {
+        let (pod_net, vm_net) = match network {
+            Some((p, v)) => (Some(p), Some(v)),
+            None => (None, None),
+        };
         // Unix socket paths are limited to 108 bytes, so the VM's directory
         // is named by a prefix of the id (ids are random: it is unique).
         let run_dir = self.config.run_dir.join(&id[..RUN_DIR_NAME_LEN]);
@@ -216,6 +298,7 @@ impl Sandboxes {
             extra_cmdline: String::new(),
             run_dir: run_dir.clone(),
             shared_dir: Some(share_dir),
+            network: vm_net,
         };
         let cleanup = |run_dir: &Path| {
             let _ = std::fs::remove_dir_all(run_dir);
@@ -271,6 +354,7 @@ impl Sandboxes {
             run_dir: run_dir.clone(),
             vm: Some(vm.handle.clone()),
             files,
+            network: pod_net,
         };
         if let Err(e) = self.records.save(id, &record) {
             vm.stop().await;
@@ -294,6 +378,22 @@ impl Sandboxes {
             vm.stop().await;
         }
         sandbox.agent = None;
+        if let Some(net) = sandbox.record.network.clone() {
+            // Kept in the record until DEL succeeded, so that a failed
+            // teardown is retried by the next stop (kubelet retries).
+            let released = self.release_network(&net).await;
+            if released.is_ok() {
+                sandbox.record.network = None;
+            }
+            if let Err(e) = released {
+                if sandbox.record.state == SandboxState::Ready {
+                    sandbox.record.state = SandboxState::NotReady;
+                    sandbox.record.reason = Some("stopped".into());
+                }
+                self.records.save(id, &sandbox.record)?;
+                return Err(e.into());
+            }
+        }
         if sandbox.record.state == SandboxState::Ready {
             sandbox.record.state = SandboxState::NotReady;
             sandbox.record.reason = Some("stopped".into());

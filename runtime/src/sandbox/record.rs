@@ -63,6 +63,10 @@ pub struct SandboxRecord {
     /// Guest paths of the files the agent wrote for the pod.
     #[serde(default)]
     pub files: SandboxFiles,
+    /// The pod's network until CNI DEL succeeded; `None` for a pod without
+    /// a network (no CNI config and `network.required = false`).
+    #[serde(default)]
+    pub network: Option<crate::network::PodNetwork>,
 }
 
 impl SandboxRecord {
