@@ -5,18 +5,20 @@
 use std::path::Path;
 
 use carapace_e2e::daemon::Daemon;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StatusRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, DnsConfig, ExecSyncRequest,
+    ImageSpec, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
+    StopPodSandboxRequest,
 };
+use tonic::transport::Channel;
 use tonic::Code;
 
-const BRIDGE: &str = "carae2e0";
-const SUBNET: &str = "10.233.0.0/24";
-
-fn conf_dir(data_dir: &Path) -> tempfile::TempDir {
+/// Each test has its own bridge and range (tests run in parallel).
+fn conf_dir(data_dir: &Path, bridge: &str, subnet: &str) -> tempfile::TempDir {
     let _ = std::process::Command::new("ip")
-        .args(["link", "del", BRIDGE])
+        .args(["link", "del", bridge])
         .stderr(std::process::Stdio::null())
         .status();
     let dir = tempfile::tempdir().unwrap();
@@ -24,9 +26,9 @@ fn conf_dir(data_dir: &Path) -> tempfile::TempDir {
         "cniVersion": "1.0.0",
         "name": "carapace-e2e",
         "plugins": [
-            {"type": "bridge", "bridge": BRIDGE, "isGateway": true, "ipMasq": false,
+            {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
              "ipam": {"type": "host-local", "dataDir": data_dir,
-                      "ranges": [[{"subnet": SUBNET}]],
+                      "ranges": [[{"subnet": subnet}]],
                       "routes": [{"dst": "0.0.0.0/0"}]}},
             {"type": "portmap", "capabilities": {"portMappings": true}},
             {"type": "loopback"}
@@ -121,7 +123,8 @@ async fn missing_cni_config_is_not_ready_and_fails_pods_clearly() {
 #[tokio::test]
 async fn pod_gets_netns_tap_and_address_and_teardown_leaves_nothing() {
     let data = tempfile::tempdir().unwrap();
-    let conf = conf_dir(data.path());
+    const BRIDGE: &str = "carae2e0";
+    let conf = conf_dir(data.path(), BRIDGE, "10.233.0.0/24");
     let daemon = Daemon::start_with_network(false, Some(conf.path())).await;
     let (ready, why) = network_ready(&daemon).await;
     assert!(ready, "{why}");
@@ -181,6 +184,175 @@ async fn pod_gets_netns_tap_and_address_and_teardown_leaves_nothing() {
     cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
         .await
         .unwrap();
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", BRIDGE])
+        .status();
+}
+
+type Cri = RuntimeServiceClient<Channel>;
+
+/// Runs pod `name` with one busybox container running `script`; returns
+/// the pod id, the container id and the pod IP.
+async fn pod_with(
+    cri: &mut Cri,
+    daemon: &Daemon,
+    logs: &Path,
+    name: &str,
+    script: &str,
+) -> (String, String, String) {
+    let mut config = pod_config(name);
+    std::fs::create_dir_all(logs.join(name)).unwrap();
+    config.log_directory = logs.join(name).display().to_string();
+    config.dns_config = Some(DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["default.svc.cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let ctr = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: "docker.io/library/busybox:latest".into(),
+                    ..Default::default()
+                }),
+                command: vec!["sh".into(), "-c".into(), script.into()],
+                log_path: "app.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(config),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e:?}\n{}", daemon.log()))
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest {
+        container_id: ctr.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", daemon.log()));
+    let ip = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .network
+        .unwrap()
+        .ip;
+    (pod, ctr, ip)
+}
+
+async fn exec(cri: &mut Cri, ctr: &str, script: &str) -> (i32, String, String) {
+    let out = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: ctr.into(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: 60,
+        })
+        .await
+        .expect("ExecSync")
+        .into_inner();
+    (
+        out.exit_code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const SERVER: &str = "while true; do echo pong | nc -l -p 8080; done";
+
+#[tokio::test]
+async fn pods_reach_each_other_and_the_node_reaches_them() {
+    let data = tempfile::tempdir().unwrap();
+    const BRIDGE: &str = "carae2e1";
+    let conf = conf_dir(data.path(), BRIDGE, "10.233.1.0/24");
+    let logs = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with_network(true, Some(conf.path())).await;
+    let mut cri = daemon.runtime().await;
+    let (pod_a, ctr_a, ip_a) = pod_with(&mut cri, &daemon, logs.path(), "net-a", SERVER).await;
+    let (pod_b, ctr_b, ip_b) = pod_with(&mut cri, &daemon, logs.path(), "net-b", SERVER).await;
+    assert!(
+        ip_a.starts_with("10.233.1.") && ip_b.starts_with("10.233.1."),
+        "{ip_a} {ip_b}"
+    );
+    assert_ne!(ip_a, ip_b);
+
+    // The guest's interface carries the pod IP; DNS is the CRI DNSConfig.
+    let (_, addrs, _) = exec(&mut cri, &ctr_a, "ip -o addr; ip route").await;
+    assert!(addrs.contains(&format!("{ip_a}/24")), "{addrs}");
+    let (_, resolv, _) = exec(&mut cri, &ctr_a, "cat /etc/resolv.conf").await;
+    assert_eq!(
+        resolv,
+        "nameserver 10.96.0.10\nsearch default.svc.cluster.local\noptions ndots:5\n"
+    );
+
+    // Pod to pod over TCP, both ways (retried while the servers start).
+    for (from, to) in [(&ctr_b, &ip_a), (&ctr_a, &ip_b)] {
+        let script = format!(
+            "for i in $(seq 1 30); do nc -w 3 {to} 8080 </dev/null && exit 0; sleep 1; done; exit 1"
+        );
+        let (code, out, err) = exec(&mut cri, from, &script).await;
+        assert_eq!((code, out.trim()), (0, "pong"), "to {to}: {err}\n{addrs}");
+    }
+
+    // The node reaches a pod's server by pod IP.
+    let mut got = String::new();
+    for _ in 0..30 {
+        use tokio::io::AsyncReadExt;
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            tokio::net::TcpStream::connect((ip_a.as_str(), 8080)),
+        )
+        .await
+        {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                s.read_to_string(&mut got),
+            )
+            .await;
+            if !got.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    assert_eq!(got.trim(), "pong");
+
+    for pod in [pod_a, pod_b] {
+        cri.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+        cri.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    }
+    assert!(allocations(data.path()).is_empty());
+    let left = std::fs::read_dir(daemon.dir().join("netns"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "netns left");
     let _ = std::process::Command::new("ip")
         .args(["link", "del", BRIDGE])
         .status();

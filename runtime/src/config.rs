@@ -60,7 +60,7 @@ pub struct Config {
     pub vm: VmConfig,
     /// Insecure registries and mirrors (see docs/images.md).
     pub registry: RegistryConfig,
-    /// Pod networking through CNI (see docs/network.md).
+    /// Pod networking through CNI (see docs/design.md, record 14).
     pub network: NetworkConfig,
 }
 

@@ -1,5 +1,5 @@
 //! Pod networking: a network namespace per pod, pinned by the daemon, and
-//! the operator's CNI plugins run in it (`docs/network.md`).
+//! the operator's CNI plugins run in it (`docs/design.md`, record 14).
 //!
 //! Setup: create the namespace, run CNI ADD, keep the result with the pod.
 //! Teardown: CNI DEL with the stored configuration and result, then remove
@@ -7,6 +7,7 @@
 //! and when the namespace is already gone.
 
 pub mod cni;
+pub mod guest;
 pub mod netns;
 pub mod tap;
 

@@ -278,6 +278,10 @@ impl Sandboxes {
             Some((p, v)) => (Some(p), Some(v)),
             None => (None, None),
         };
+        let guest_net = match (&pod_net, &vm_net) {
+            (Some(p), Some(v)) => crate::network::guest::describe(&p.result, v),
+            _ => Default::default(),
+        };
         // Unix socket paths are limited to 108 bytes, so the VM's directory
         // is named by a prefix of the id (ids are random: it is unique).
         let run_dir = self.config.run_dir.join(&id[..RUN_DIR_NAME_LEN]);
@@ -331,7 +335,7 @@ impl Sandboxes {
                 });
             }
         };
-        let files = match setup_guest(&agent, &new).await {
+        let files = match setup_guest(&agent, &new, guest_net).await {
             Ok(files) => files,
             Err(reason) => {
                 vm.stop().await;
@@ -492,7 +496,11 @@ pub const RUN_DIR_NAME_LEN: usize = 16;
 
 /// Sets up the pod in the guest: hostname, DNS, the virtio-fs share,
 /// sysctls. The error is the agent's message (it validates the request).
-async fn setup_guest(agent: &AgentClient, new: &NewSandbox) -> Result<SandboxFiles, String> {
+async fn setup_guest(
+    agent: &AgentClient,
+    new: &NewSandbox,
+    net: crate::network::guest::GuestNetwork,
+) -> Result<SandboxFiles, String> {
     use carapace_agent_api::v1::{SetupSandboxRequest, SharedFilesystem};
     let reply = agent
         .rpc()
@@ -505,6 +513,8 @@ async fn setup_guest(agent: &AgentClient, new: &NewSandbox) -> Result<SandboxFil
                 mount_point: crate::container::GUEST_SHARE_DIR.into(),
             }],
             sysctls: new.sysctls.clone().into_iter().collect(),
+            interfaces: net.interfaces,
+            routes: net.routes,
         })
         .await
         .map_err(|s| format!("setting up the pod in its VM: {}", s.message()))?
