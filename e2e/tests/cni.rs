@@ -199,8 +199,18 @@ async fn pod_with(
     logs: &Path,
     name: &str,
     script: &str,
+    host_port: Option<i32>,
 ) -> (String, String, String) {
     let mut config = pod_config(name);
+    config.port_mappings = host_port
+        .map(|host_port| k8s_cri::v1::PortMapping {
+            protocol: k8s_cri::v1::Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port,
+            host_ip: String::new(),
+        })
+        .into_iter()
+        .collect();
     std::fs::create_dir_all(logs.join(name)).unwrap();
     config.log_directory = logs.join(name).display().to_string();
     config.dns_config = Some(DnsConfig {
@@ -278,6 +288,48 @@ async fn exec(cri: &mut Cri, ctr: &str, script: &str) -> (i32, String, String) {
 }
 
 const SERVER: &str = "while true; do echo pong | nc -l -p 8080; done";
+const HOST_PORT: i32 = 18080;
+
+/// Connects to `addr` and reads what the server says, retrying for a while.
+async fn read_from(addr: (&str, u16)) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = String::new();
+    for _ in 0..30 {
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                s.read_to_string(&mut got),
+            )
+            .await;
+            if !got.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    got
+}
+
+/// This host's address on its default route.
+fn node_ip() -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "route", "get", "192.0.2.1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == "src")
+        .and_then(|_| words.next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no source address in {text:?}"))
+}
 
 #[tokio::test]
 async fn pods_reach_each_other_and_the_node_reaches_them() {
@@ -287,8 +339,17 @@ async fn pods_reach_each_other_and_the_node_reaches_them() {
     let logs = tempfile::tempdir().unwrap();
     let daemon = Daemon::start_with_network(true, Some(conf.path())).await;
     let mut cri = daemon.runtime().await;
-    let (pod_a, ctr_a, ip_a) = pod_with(&mut cri, &daemon, logs.path(), "net-a", SERVER).await;
-    let (pod_b, ctr_b, ip_b) = pod_with(&mut cri, &daemon, logs.path(), "net-b", SERVER).await;
+    let (pod_a, ctr_a, ip_a) = pod_with(
+        &mut cri,
+        &daemon,
+        logs.path(),
+        "net-a",
+        SERVER,
+        Some(HOST_PORT),
+    )
+    .await;
+    let (pod_b, ctr_b, ip_b) =
+        pod_with(&mut cri, &daemon, logs.path(), "net-b", SERVER, None).await;
     assert!(
         ip_a.starts_with("10.233.1.") && ip_b.starts_with("10.233.1."),
         "{ip_a} {ip_b}"
@@ -313,28 +374,16 @@ async fn pods_reach_each_other_and_the_node_reaches_them() {
         assert_eq!((code, out.trim()), (0, "pong"), "to {to}: {err}\n{addrs}");
     }
 
-    // The node reaches a pod's server by pod IP.
-    let mut got = String::new();
-    for _ in 0..30 {
-        use tokio::io::AsyncReadExt;
-        if let Ok(Ok(mut s)) = tokio::time::timeout(
-            std::time::Duration::from_secs(3),
-            tokio::net::TcpStream::connect((ip_a.as_str(), 8080)),
-        )
-        .await
-        {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(3),
-                s.read_to_string(&mut got),
-            )
-            .await;
-            if !got.is_empty() {
-                break;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
-    assert_eq!(got.trim(), "pong");
+    // The node reaches a pod's server by pod IP, and through its hostPort
+    // (portmap's DNAT on the node's own address).
+    assert_eq!(read_from((ip_a.as_str(), 8080)).await.trim(), "pong");
+    let node = node_ip();
+    let via_host_port = read_from((node.as_str(), HOST_PORT as u16)).await;
+    assert_eq!(
+        via_host_port.trim(),
+        "pong",
+        "hostPort {HOST_PORT} on {node}"
+    );
 
     for pod in [pod_a, pod_b] {
         cri.stop_pod_sandbox(StopPodSandboxRequest {
