@@ -125,7 +125,7 @@ async fn pod_gets_netns_tap_and_address_and_teardown_leaves_nothing() {
     let data = tempfile::tempdir().unwrap();
     const BRIDGE: &str = "carae2e0";
     let conf = conf_dir(data.path(), BRIDGE, "10.233.0.0/24");
-    let daemon = Daemon::start_with_network(false, Some(conf.path())).await;
+    let mut daemon = Daemon::start_with_network(false, Some(conf.path())).await;
     let (ready, why) = network_ready(&daemon).await;
     assert!(ready, "{why}");
     let mut cri = daemon.runtime().await;
@@ -154,6 +154,10 @@ async fn pod_gets_netns_tap_and_address_and_teardown_leaves_nothing() {
         tap.contains("LOWER_UP") && !tap.contains("NO-CARRIER"),
         "{tap}"
     );
+
+    // A restarted daemon tears the network down from its record.
+    daemon.restart().await;
+    let mut cri = daemon.runtime().await;
 
     cri.stop_pod_sandbox(StopPodSandboxRequest {
         pod_sandbox_id: id.clone(),
