@@ -20,6 +20,7 @@ fi
 # --- Debian packages -----------------------------------------------------------
 packages=(
   qemu-system-x86             # the qemu VM driver (TCG where there is no hardware KVM)
+  containernetworking-plugins # CNI plugins (bridge, host-local, loopback, portmap) for pod networking tests
   protobuf-compiler           # tonic code generation for the agent API
   busybox-static              # test root filesystems and the demo image
   docker-registry skopeo      # a real local registry for the image tests

@@ -12,6 +12,7 @@ mod cgroup;
 mod container;
 mod init;
 mod listen;
+mod network;
 mod reaper;
 mod sandbox;
 mod service;

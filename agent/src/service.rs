@@ -91,7 +91,13 @@ impl Agent for AgentService {
         request: Request<SetupSandboxRequest>,
     ) -> Result<Response<SetupSandboxResponse>, Status> {
         let req = request.into_inner();
+        let net_err = |e: crate::network::NetworkError| Status::new(e.code(), e.to_string());
+        // Validated before anything changes; applied after the files.
+        crate::network::validate(&req.interfaces, &req.routes).map_err(net_err)?;
         let resp = crate::sandbox::setup(&req).map_err(|e| Status::new(e.code(), e.to_string()))?;
+        crate::network::configure(&req.interfaces, &req.routes)
+            .await
+            .map_err(net_err)?;
         if let Some(first) = req.shared_filesystems.first() {
             self.containers
                 .set_shared_root(PathBuf::from(&first.mount_point));

@@ -41,6 +41,19 @@ impl Daemon {
     }
 
     async fn start_with(busybox: bool, extra: &str) -> Daemon {
+        Self::start_full(busybox, None, extra).await
+    }
+
+    /// As [`Daemon::start`], with pod networking from the CNI configuration
+    /// directory `cni_conf_dir`, required (`network.required = true`: pods
+    /// fail to start without a usable configuration). Without it (the other
+    /// constructors) the daemon has an empty CNI directory and pods run
+    /// without a network (`required = false`).
+    pub async fn start_with_network(busybox: bool, cni_conf_dir: Option<&Path>) -> Daemon {
+        Self::start_full(busybox, cni_conf_dir, "").await
+    }
+
+    async fn start_full(busybox: bool, cni_conf_dir: Option<&Path>, extra: &str) -> Daemon {
         let artifacts = GuestArtifacts::locate();
         let dir = tempfile::Builder::new()
             .prefix("carapace-daemon-")
@@ -52,7 +65,8 @@ impl Daemon {
             &config,
             format!(
                 "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\ncontainers_dir = {:?}\nrun_dir = {:?}\ncgroup_root = {:?}\nlog_level = \"info,carapace=debug\"\n\
-                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n{extra}\n",
+                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n\
+                 [network]\ncni_conf_dir = {:?}\nnetns_dir = {:?}\nrequired = {}\n{extra}\n",
                 socket,
                 dir.path().join("state"),
                 dir.path().join("images"),
@@ -61,6 +75,11 @@ impl Daemon {
                 cgroup_root(),
                 artifacts.kernel,
                 artifacts.initrd,
+                cni_conf_dir
+                    .map(Path::to_owned)
+                    .unwrap_or_else(|| dir.path().join("cni")),
+                dir.path().join("netns"),
+                cni_conf_dir.is_some(),
             ),
         )
         .expect("writing the daemon config");

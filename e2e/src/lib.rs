@@ -138,6 +138,7 @@ impl TestVm {
             extra_cmdline: options.extra_cmdline,
             run_dir: run_dir.path().to_owned(),
             shared_dir: options.shared_dir,
+            network: None,
         };
         let start_called = std::time::Instant::now();
         let vm = driver.start(&spec).await.expect("starting the VM");

@@ -65,6 +65,8 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// The streaming server for exec, attach and port-forward.
     pub streaming: StreamingConfig,
+    /// Pod networking through CNI (see docs/design.md, record 16).
+    pub network: NetworkConfig,
 }
 
 /// The streaming server (see docs/streaming.md).
@@ -88,6 +90,34 @@ impl Default for StreamingConfig {
             address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             idle_timeout_secs: 4 * 3600,
             token_ttl_secs: 60,
+        }
+    }
+}
+
+/// Pod networking.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Where the CNI network configurations are (first usable file in
+    /// lexical order wins).
+    pub cni_conf_dir: PathBuf,
+    /// Where the CNI plugin binaries are, searched in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// Where pod network namespaces are pinned (one file per pod).
+    pub netns_dir: PathBuf,
+    /// Whether a pod needs a network: with `true`, RunPodSandbox fails
+    /// while no usable CNI configuration exists; with `false`, such pods
+    /// get a VM without a network interface (tests, isolated batch pods).
+    pub required: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            cni_conf_dir: "/etc/cni/net.d".into(),
+            cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+            netns_dir: "/run/carapace/netns".into(),
+            required: true,
         }
     }
 }
@@ -127,6 +157,7 @@ impl Default for Config {
             vm: VmConfig::default(),
             registry: RegistryConfig::default(),
             streaming: StreamingConfig::default(),
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -207,6 +238,8 @@ impl Config {
             ("state_dir", &self.state_dir),
             ("image_dir", &self.image_dir),
             ("run_dir", &self.run_dir),
+            ("network.cni_conf_dir", &self.network.cni_conf_dir),
+            ("network.netns_dir", &self.network.netns_dir),
         ] {
             if !path.is_absolute() {
                 return Err(format!("{name} must be an absolute path"));
@@ -230,6 +263,8 @@ mod tests {
         let c = Config::parse("").ok().unwrap();
         assert_eq!(c.socket, Path::new("/run/carapace/carapace.sock"));
         assert_eq!(c.vm.driver, DriverChoice::Auto);
+        assert_eq!(c.network.cni_conf_dir, Path::new("/etc/cni/net.d"));
+        assert!(c.network.required);
     }
 
     #[test]
@@ -282,6 +317,8 @@ mod tests {
         assert!(err("[vm]\ndefault_vcpus = 0").contains("default_vcpus"));
         assert!(err("state_dir = \"relative\"").contains("state_dir"));
         assert!(err("[registry]\ninsecure = [\"\"]").contains("registry"));
+        assert!(err("[network]\nnetns_dir = \"rel\"").contains("netns_dir"));
+        assert!(err("[network]\ncni_dir = \"/x\"").contains("cni_dir"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod host;
 pub mod host_cgroup;
 pub mod image;
+pub mod network;
 pub mod sandbox;
 pub mod state;
 pub mod streaming;

@@ -298,6 +298,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         extra_cmdline: String::new(),
         run_dir: run_dir.path().to_owned(),
         shared_dir: None,
+        network: None,
     };
     let vm = driver.start(&spec).await?;
     let started = vm.started_at();

@@ -87,6 +87,10 @@ impl From<SandboxError> for CriError {
             SandboxError::AgentNotReady { .. } | SandboxError::Vm(_) => {
                 CriError::Unavailable(message)
             }
+            SandboxError::Network(crate::network::NetworkError::NoConfig(_)) => {
+                CriError::FailedPrecondition(message)
+            }
+            SandboxError::Network(_) => CriError::Unavailable(message),
             SandboxError::State(_) | SandboxError::Io { .. } => CriError::Internal(message),
         }
     }

@@ -84,6 +84,7 @@ mod tests {
             vm: None,
             files: Default::default(),
             cgroup: None,
+            network: None,
         }
     }
 

@@ -5,6 +5,11 @@ use k8s_cri::v1::{
     RunPodSandboxResponse,
 };
 
+use std::collections::BTreeMap;
+
+use k8s_cri::v1::Protocol;
+use serde_json::{json, Value};
+
 use super::{CriError, CriService};
 use crate::config::VmConfig;
 use crate::sandbox::{NewSandbox, PodMeta, VmSize};
@@ -52,6 +57,7 @@ fn new_sandbox(
     runtime_handler: String,
     vm: &VmConfig,
 ) -> Result<NewSandbox, CriError> {
+    let cni_capability_args = cni_capability_args(&config);
     let meta = config
         .metadata
         .ok_or_else(|| CriError::InvalidArgument("pod sandbox metadata is required".into()))?;
@@ -85,6 +91,7 @@ fn new_sandbox(
         ));
     }
     Ok(NewSandbox {
+        cni_capability_args,
         meta: PodMeta {
             name: meta.name,
             uid: meta.uid,
@@ -105,6 +112,43 @@ fn new_sandbox(
         cgroup_parent: linux.cgroup_parent.clone(),
         size: vm_size(linux.resources.as_ref(), vm),
     })
+}
+
+/// The CNI capability arguments of the pod, as CRI-O and containerd pass
+/// them: `portMappings` (those with a host port) and `dns`.
+fn cni_capability_args(config: &PodSandboxConfig) -> BTreeMap<String, Value> {
+    let mut args = BTreeMap::new();
+    let ports: Vec<Value> = config
+        .port_mappings
+        .iter()
+        .filter(|p| p.host_port > 0)
+        .map(|p| {
+            let protocol = match Protocol::try_from(p.protocol) {
+                Ok(Protocol::Udp) => "udp",
+                Ok(Protocol::Sctp) => "sctp",
+                _ => "tcp",
+            };
+            let mut m = json!({
+                "hostPort": p.host_port,
+                "containerPort": p.container_port,
+                "protocol": protocol,
+            });
+            if !p.host_ip.is_empty() {
+                m["hostIP"] = p.host_ip.clone().into();
+            }
+            m
+        })
+        .collect();
+    if !ports.is_empty() {
+        args.insert("portMappings".into(), Value::Array(ports));
+    }
+    if let Some(dns) = &config.dns_config {
+        args.insert(
+            "dns".into(),
+            json!({"servers": dns.servers, "searches": dns.searches, "options": dns.options}),
+        );
+    }
+    args
 }
 
 /// /etc/resolv.conf for the pod's DNS config, as kubelet means it.
@@ -192,6 +236,31 @@ mod tests {
             "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
         );
         assert_eq!(resolv_conf(&Default::default()), "");
+    }
+
+    #[test]
+    fn port_mappings_and_dns_become_capability_args() {
+        let mut c = config();
+        c.port_mappings = vec![
+            k8s_cri::v1::PortMapping {
+                protocol: Protocol::Udp as i32,
+                container_port: 53,
+                host_port: 5353,
+                host_ip: "127.0.0.1".into(),
+            },
+            k8s_cri::v1::PortMapping {
+                protocol: Protocol::Tcp as i32,
+                container_port: 80,
+                host_port: 0,
+                host_ip: String::new(),
+            },
+        ];
+        let args = cni_capability_args(&c);
+        assert_eq!(
+            args["portMappings"],
+            json!([{"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "127.0.0.1"}])
+        );
+        assert!(!cni_capability_args(&config()).contains_key("portMappings"));
     }
 
     #[test]

@@ -35,8 +35,7 @@ impl CriService {
                 metadata: Some(cri_metadata(record)),
                 state: cri_state(record.state) as i32,
                 created_at: record.created_at_ns,
-                // No pod network yet (see Status: NetworkReady=false).
-                network: Some(PodSandboxNetworkStatus::default()),
+                network: Some(network_status(record)),
                 linux: None,
                 labels: record.labels.clone().into_iter().collect(),
                 annotations: record.annotations.clone().into_iter().collect(),
@@ -80,4 +79,26 @@ fn verbose_info(record: &SandboxRecord) -> String {
         "reason": record.reason,
     })
     .to_string()
+}
+
+/// The pod's IPs from its CNI result (eth0's first, IPv4 before IPv6 as
+/// kubelet expects the primary first); empty for a pod without a network.
+fn network_status(record: &crate::sandbox::SandboxRecord) -> PodSandboxNetworkStatus {
+    let mut ips: Vec<String> = record
+        .network
+        .as_ref()
+        .map(|n| {
+            n.result
+                .ips
+                .iter()
+                .filter_map(|ip| ip.address.split('/').next().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    ips.sort_by_key(|ip| ip.contains(':'));
+    let mut ips = ips.into_iter();
+    PodSandboxNetworkStatus {
+        ip: ips.next().unwrap_or_default(),
+        additional_ips: ips.map(|ip| k8s_cri::v1::PodIp { ip }).collect(),
+    }
 }

@@ -18,8 +18,8 @@ impl CriService {
     }
 
     /// RuntimeReady: the VM driver and the guest artifacts are present.
-    /// NetworkReady: false until pod networking (CNI) is implemented, so
-    /// that kubelet does not schedule pods that expect a network.
+    /// NetworkReady: a usable CNI configuration exists (kubelet starts no
+    /// pod but host-network ones while it is false).
     pub(super) fn status(&self, verbose: bool) -> Result<StatusResponse, CriError> {
         let problems = self.sandboxes.runtime_problems();
         let runtime = RuntimeCondition {
@@ -32,11 +32,19 @@ impl CriService {
             },
             message: problems.join("; "),
         };
-        let network = RuntimeCondition {
-            r#type: "NetworkReady".into(),
-            status: false,
-            reason: "NetworkPluginNotReady".into(),
-            message: "carapace does not set up pod networking (CNI) yet".into(),
+        let network = match self.sandboxes.network_status() {
+            Ok(()) => RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            Err(e) => RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: format!("cni config uninitialized: {e}"),
+            },
         };
         let mut info = std::collections::HashMap::new();
         if verbose {

@@ -17,6 +17,8 @@ use tokio::sync::Mutex;
 use crate::agent_client::AgentClient;
 use crate::config::Config;
 use crate::host_cgroup;
+use crate::network::tap::{self, VmNetwork};
+use crate::network::{Network, NetworkError, PodIdentity, PodNetwork};
 use crate::state::{RecordDir, StateError};
 use crate::vm::qemu::{QemuDriver, QemuError};
 use crate::vm::VmSpec;
@@ -36,6 +38,8 @@ pub enum SandboxError {
     AgentNotReady { reason: String, console: String },
     #[error("pod sandbox {id} is not ready: {reason}")]
     NotReady { id: String, reason: String },
+    #[error("pod network: {0}")]
+    Network(#[from] crate::network::NetworkError),
     #[error("saving pod state: {0}")]
     State(#[from] StateError),
     #[error("{what}: {source}")]
@@ -68,12 +72,15 @@ pub struct NewSandbox {
     /// kubelet's cgroup for the pod (`linux.cgroup_parent`); empty for none.
     pub cgroup_parent: String,
     pub size: VmSize,
+    /// CNI capability arguments (`portMappings`, `dns`).
+    pub cni_capability_args: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// All sandboxes of this daemon.
 pub struct Sandboxes {
     config: Config,
     driver: QemuDriver,
+    network: Network,
     records: RecordDir,
     all: std::sync::Mutex<HashMap<String, Arc<Mutex<Sandbox>>>>,
     /// Reserved names → sandbox id (includes sandboxes being created).
@@ -117,6 +124,7 @@ impl Sandboxes {
         }
         tracing::info!("loaded {} pod sandboxes", all.len());
         Ok(Self {
+            network: Network::new(config.network.clone()),
             config,
             driver,
             records,
@@ -133,6 +141,11 @@ impl Sandboxes {
             .filter(|(_, path)| !path.is_file())
             .map(|(what, path)| format!("{what} {} is missing", path.display()))
             .collect()
+    }
+
+    /// Whether pods can get a network now: `Err` says why not.
+    pub fn network_status(&self) -> Result<(), NetworkError> {
+        self.network.conf().map(|_| ())
     }
 
     /// The daemon's configuration.
@@ -198,7 +211,80 @@ impl Sandboxes {
         }
     }
 
+    /// Sets up the pod's network (unless there is no CNI config and the
+    /// network is not required), then boots its VM on it; on failure
+    /// the network is torn down again.
     async fn boot(&self, id: &str, new: NewSandbox) -> Result<Sandbox, SandboxError> {
+        let network = match self.network.conf() {
+            Err(NetworkError::NoConfig(why)) if !self.config.network.required => {
+                tracing::info!(id, "pod without a network: {why}");
+                None
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {
+                let pod = PodIdentity {
+                    sandbox_id: id.to_owned(),
+                    name: new.meta.name.clone(),
+                    namespace: new.meta.namespace.clone(),
+                    uid: new.meta.uid.clone(),
+                };
+                let net = self
+                    .network
+                    .setup(&pod, new.cni_capability_args.clone())
+                    .await?;
+                let netns = net.netns.clone();
+                match tokio::task::spawn_blocking(move || tap::setup(&netns)).await {
+                    Ok(Ok(vm_net)) => Some((net, vm_net)),
+                    result => {
+                        let e = match result {
+                            Ok(Err(e)) => e,
+                            _ => NetworkError::Command {
+                                what: "setting up the tap".into(),
+                                message: "task failed".into(),
+                            },
+                        };
+                        self.teardown_network(&net).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        let pod_net = network.as_ref().map(|(net, _)| net.clone());
+        let result = self.boot_vm(id, new, network).await;
+        if let (Err(_), Some(net)) = (&result, &pod_net) {
+            self.teardown_network(net).await;
+        }
+        result
+    }
+
+    /// Best-effort teardown on a failed start (logged).
+    async fn teardown_network(&self, net: &PodNetwork) {
+        if let Err(e) = self.release_network(net).await {
+            tracing::warn!("tearing down the network of a pod that failed to start: {e}");
+        }
+    }
+
+    /// Removes the tap and tc rules, runs CNI DEL, removes the namespace.
+    async fn release_network(&self, net: &PodNetwork) -> Result<(), NetworkError> {
+        let netns = net.netns.clone();
+        let _ = tokio::task::spawn_blocking(move || tap::teardown(&netns)).await;
+        self.network.teardown(net).await
+    }
+
+    async fn boot_vm(
+        &self,
+        id: &str,
+        new: NewSandbox,
+        network: Option<(PodNetwork, VmNetwork)>,
+    ) -> Result<Sandbox, SandboxError> {
+        let (pod_net, vm_net) = match network {
+            Some((p, v)) => (Some(p), Some(v)),
+            None => (None, None),
+        };
+        let guest_net = match (&pod_net, &vm_net) {
+            (Some(p), Some(v)) => crate::network::guest::describe(&p.result, v),
+            _ => Default::default(),
+        };
         // Unix socket paths are limited to 108 bytes, so the VM's directory
         // is named by a prefix of the id (ids are random: it is unique).
         let run_dir = self.config.run_dir.join(&id[..RUN_DIR_NAME_LEN]);
@@ -219,6 +305,7 @@ impl Sandboxes {
             extra_cmdline: String::new(),
             run_dir: run_dir.clone(),
             shared_dir: Some(share_dir),
+            network: vm_net,
         };
         let cleanup = |run_dir: &Path| {
             let _ = std::fs::remove_dir_all(run_dir);
@@ -279,7 +366,7 @@ impl Sandboxes {
                 });
             }
         };
-        let files = match setup_guest(&agent, &new).await {
+        let files = match setup_guest(&agent, &new, guest_net).await {
             Ok(files) => files,
             Err(reason) => {
                 vm.stop().await;
@@ -303,6 +390,7 @@ impl Sandboxes {
             vm: Some(vm.handle.clone()),
             files,
             cgroup: cgroup.clone(),
+            network: pod_net,
         };
         if let Err(e) = self.records.save(id, &record) {
             vm.stop().await;
@@ -326,6 +414,22 @@ impl Sandboxes {
             vm.stop().await;
         }
         sandbox.agent = None;
+        if let Some(net) = sandbox.record.network.clone() {
+            // Kept in the record until DEL succeeded, so that a failed
+            // teardown is retried by the next stop (kubelet retries).
+            let released = self.release_network(&net).await;
+            if released.is_ok() {
+                sandbox.record.network = None;
+            }
+            if let Err(e) = released {
+                if sandbox.record.state == SandboxState::Ready {
+                    sandbox.record.state = SandboxState::NotReady;
+                    sandbox.record.reason = Some("stopped".into());
+                }
+                self.records.save(id, &sandbox.record)?;
+                return Err(e.into());
+            }
+        }
         if sandbox.record.state == SandboxState::Ready {
             sandbox.record.state = SandboxState::NotReady;
             sandbox.record.reason = Some("stopped".into());
@@ -427,7 +531,11 @@ pub const RUN_DIR_NAME_LEN: usize = 16;
 
 /// Sets up the pod in the guest: hostname, DNS, the virtio-fs share,
 /// sysctls. The error is the agent's message (it validates the request).
-async fn setup_guest(agent: &AgentClient, new: &NewSandbox) -> Result<SandboxFiles, String> {
+async fn setup_guest(
+    agent: &AgentClient,
+    new: &NewSandbox,
+    net: crate::network::guest::GuestNetwork,
+) -> Result<SandboxFiles, String> {
     use carapace_agent_api::v1::{SetupSandboxRequest, SharedFilesystem};
     let reply = agent
         .rpc()
@@ -440,6 +548,8 @@ async fn setup_guest(agent: &AgentClient, new: &NewSandbox) -> Result<SandboxFil
                 mount_point: crate::container::GUEST_SHARE_DIR.into(),
             }],
             sysctls: new.sysctls.clone().into_iter().collect(),
+            interfaces: net.interfaces,
+            routes: net.routes,
         })
         .await
         .map_err(|s| format!("setting up the pod in its VM: {}", s.message()))?

@@ -66,6 +66,10 @@ pub struct SandboxRecord {
     /// The host cgroup holding the VM's processes, when there is one.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The pod's network until CNI DEL succeeded; `None` for a pod without
+    /// a network (no CNI config and `network.required = false`).
+    #[serde(default)]
+    pub network: Option<crate::network::PodNetwork>,
 }
 
 impl SandboxRecord {

@@ -33,6 +33,9 @@ pub struct VmSpec {
     /// A host directory shared with the guest over virtio-fs under the tag
     /// [`SHARED_FS_TAG`] (the pod's root filesystems and volumes).
     pub shared_dir: Option<PathBuf>,
+    /// The pod network: a virtio-net device on a tap in the pod's network
+    /// namespace, in which the VM process then runs. `None`: no network.
+    pub network: Option<crate::network::tap::VmNetwork>,
 }
 
 impl VmSpec {

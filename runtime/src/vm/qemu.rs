@@ -157,6 +157,16 @@ impl QemuDriver {
                 format!("vhost-user-fs-device,chardev=fs,tag={SHARED_FS_TAG}"),
             ]);
         }
+        if let Some(net) = &spec.network {
+            // The tap is opened by name inside the pod namespace, where
+            // QEMU runs; no helper scripts.
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+            ]);
+        }
         args.extend([
             "-kernel".into(),
             spec.kernel.display().to_string(),
@@ -219,6 +229,20 @@ impl QemuDriver {
         let started_at = Instant::now();
         let mut qemu_cmd = Command::new(&self.qemu);
         qemu_cmd.args(self.qemu_args(spec));
+        if let Some(net) = &spec.network {
+            let ns = std::fs::File::open(&net.netns).map_err(|source| QemuError::Spawn {
+                what: "qemu-system-x86_64 (opening the pod network namespace)",
+                source,
+            })?;
+            // SAFETY: between fork and exec the child only calls setns(2),
+            // which is async-signal-safe and touches no parent memory.
+            unsafe {
+                qemu_cmd.pre_exec(move || {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         let qemu = started.spawn("qemu", qemu_cmd, &spec.run_dir.join("qemu.log"))?;
         started.disarm();
         Ok(QemuVm {
@@ -533,6 +557,7 @@ mod tests {
             extra_cmdline: String::new(),
             run_dir: dir.to_owned(),
             shared_dir: None,
+            network: None,
         }
     }
 
@@ -586,6 +611,32 @@ mod tests {
         let joined = args.join(" ");
         assert!(joined.find("vhost-user-fs-device") < joined.find("-kernel"));
         assert!(!joined.contains("/run/pods/p1/shared"), "{joined}");
+    }
+
+    #[test]
+    fn command_line_wires_the_pod_network() {
+        let spec = VmSpec {
+            network: Some(crate::network::tap::VmNetwork {
+                netns: "/run/carapace/netns/p1".into(),
+                tap: "tap0".into(),
+                mac: "0a:58:0a:00:00:05".into(),
+                mtu: 1450,
+            }),
+            ..spec(Path::new("/run/vm1"))
+        };
+        let args = driver().qemu_args(&spec).join(" ");
+        assert!(
+            args.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net0,mac=0a:58:0a:00:00:05"),
+            "{args}"
+        );
+        assert!(!driver()
+            .qemu_args(&spec_without_net())
+            .join(" ")
+            .contains("netdev"));
+    }
+
+    fn spec_without_net() -> VmSpec {
+        spec(Path::new("/run/vm1"))
     }
 
     #[test]
