@@ -27,12 +27,15 @@ packages=(
   pkg-config gcc make         # -sys crates
   libcap-ng-dev libseccomp-dev  # virtiofsd's build (and its runtime libraries)
   flex bison libelf-dev libssl-dev bc cpio xz-utils   # guest kernel build
-  kubectl                     # e2e: kubectl exec against the streaming server (WebSocket and SPDY)
 )
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# kubectl (e2e: kubectl exec/attach against the streaming server) has no
+# Debian 12 package; these machines ship it with the Google Cloud SDK.
+command -v kubectl >/dev/null ||
+  log "warning: kubectl not found: the e2e test that drives the real kubectl will fail"
 if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
