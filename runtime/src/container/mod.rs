@@ -25,9 +25,8 @@ use std::time::{Duration, SystemTime};
 
 use carapace_agent_api::v1::{
     ContainerStatsRequest, ContainerStatsResponse, CreateContainerRequest, DeleteContainerRequest,
-    ExecProcessRequest, ExitStatus, OutputStream, ProcessRef, ReadOutputRequest,
-    SignalProcessRequest, StartContainerRequest, UpdateContainerResourcesRequest,
-    WaitProcessRequest,
+    ExitStatus, OutputStream, ProcessRef, ReadOutputRequest, SignalProcessRequest,
+    StartContainerRequest, UpdateContainerResourcesRequest, WaitProcessRequest,
 };
 use k8s_cri::v1::ContainerConfig;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
@@ -790,52 +789,17 @@ impl Containers {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, ContainerError> {
-        if cmd.is_empty() {
-            return Err(ContainerError::InvalidArgument("exec cmd is empty".into()));
-        }
-        let entry = self.entry(id)?;
-        let (sandbox_id, process_json, username) = {
-            let r = entry.record.lock().await;
-            if r.state != ContainerState::Running {
-                return Err(ContainerError::FailedPrecondition(format!(
-                    "container {id} is not running"
-                )));
-            }
-            (
-                r.sandbox_id.clone(),
-                r.process_json.clone(),
-                r.username.clone(),
+        let handle = self
+            .start_exec(
+                id,
+                &stream::ExecSpec {
+                    cmd: cmd.to_vec(),
+                    tty: false,
+                    stdin: false,
+                },
             )
-        };
-        let mut process: serde_json::Value =
-            serde_json::from_str(&process_json).map_err(|e| ContainerError::Io {
-                what: "reading the recorded process".into(),
-                source: e.into(),
-            })?;
-        process["args"] = serde_json::json!(cmd);
-        process["terminal"] = serde_json::json!(false);
-        let agent = self.agent(&sandbox_id).await?;
-        let exec_id = crate::sandbox::new_id()
-            .map(|id| id[..16].to_owned())
-            .map_err(|e| ContainerError::Io {
-                what: "making an exec id".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        let process_ref = ProcessRef {
-            container_id: id.to_owned(),
-            exec_id: exec_id.clone(),
-        };
-        agent
-            .rpc()
-            .exec_process(ExecProcessRequest {
-                container_id: id.to_owned(),
-                exec_id: exec_id.clone(),
-                oci_process_json: process.to_string(),
-                username,
-                stdin: false,
-            })
-            .await
-            .map_err(agent_err)?;
+            .await?;
+        let (agent, process_ref) = (handle.agent, handle.process);
         let output = tokio::spawn(collect_output(agent.clone(), process_ref.clone()));
         let mut waiter = agent.rpc();
         let wait = waiter.wait_process(WaitProcessRequest {

@@ -19,8 +19,8 @@ use crate::agent_client::AgentClient;
 /// A running process in a container (an exec), as the agent knows it.
 #[derive(Clone)]
 pub struct ExecHandle {
-    agent: AgentClient,
-    process: ProcessRef,
+    pub(super) agent: AgentClient,
+    pub(super) process: ProcessRef,
 }
 
 /// What a streaming exec asks for.
