@@ -19,6 +19,7 @@ use carapace::vm::qemu::{QemuDriver, QemuHandle, QemuVm};
 use carapace::vm::VmSpec;
 use carapace_agent_api::v1::HealthResponse;
 
+pub mod cri;
 pub mod daemon;
 pub mod node;
 /// The demo image builder, shared with `cargo xtask busybox-image`.

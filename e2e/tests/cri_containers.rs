@@ -5,101 +5,26 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use carapace_e2e::cri::{self, busybox, create, status, wait_state, BUSYBOX};
 use carapace_e2e::daemon::Daemon;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerEventType, ContainerFilter, ContainerMetadata, ContainerState,
-    ContainerStatsRequest, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
-    DnsConfig, ExecSyncRequest, GetEventsRequest, ImageSpec, ListContainersRequest, Mount,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatsRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, ReopenContainerLogRequest, RunPodSandboxRequest,
+    ContainerEventType, ContainerFilter, ContainerState, ContainerStatsRequest,
+    ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecSyncRequest, GetEventsRequest,
+    ImageSpec, ListContainersRequest, Mount, PodSandboxConfig, PodSandboxStatsRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, ReopenContainerLogRequest,
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
-use tonic::transport::Channel;
 use tonic::Code;
-
-type Cri = RuntimeServiceClient<Channel>;
-
-const BUSYBOX: &str = "docker.io/library/busybox:latest";
 
 fn pod_config(log_dir: &Path) -> PodSandboxConfig {
     PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "web".into(),
-            uid: "uid-web".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
         hostname: "web-0".into(),
-        log_directory: log_dir.display().to_string(),
         dns_config: Some(DnsConfig {
             servers: vec!["10.96.0.10".into()],
             searches: vec!["default.svc.cluster.local".into()],
             options: vec!["ndots:5".into()],
         }),
-        ..Default::default()
-    }
-}
-
-fn container(name: &str, cmd: &[&str], log_path: &str) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: BUSYBOX.into(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: log_path.into(),
-        labels: HashMap::from([("app".to_string(), name.to_string())]),
-        ..Default::default()
-    }
-}
-
-async fn create(
-    cri: &mut Cri,
-    pod: &str,
-    config: ContainerConfig,
-    pod_config: &PodSandboxConfig,
-) -> String {
-    cri.create_container(CreateContainerRequest {
-        pod_sandbox_id: pod.into(),
-        config: Some(config),
-        sandbox_config: Some(pod_config.clone()),
-    })
-    .await
-    .expect("CreateContainer")
-    .into_inner()
-    .container_id
-}
-
-async fn status(cri: &mut Cri, id: &str) -> ContainerStatus {
-    cri.container_status(ContainerStatusRequest {
-        container_id: id.into(),
-        verbose: false,
-    })
-    .await
-    .expect("ContainerStatus")
-    .into_inner()
-    .status
-    .expect("a status")
-}
-
-/// Waits until the container's state is `state`.
-async fn wait_state(cri: &mut Cri, id: &str, state: ContainerState) -> ContainerStatus {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status(cri, id).await;
-        if s.state == state as i32 {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "container {id} never reached {state:?}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        ..cri::pod_config("web", log_dir)
     }
 }
 
@@ -163,18 +88,10 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
     let volume = tempfile::tempdir().unwrap();
     std::fs::write(volume.path().join("greeting"), "from the host\n").unwrap();
     let pod_config = pod_config(logs.path());
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
 
     // Unknown image, unknown pod: clear codes, nothing created.
-    let mut bad = container("bad", &["true"], "");
+    let mut bad = busybox("bad", &["true"], "");
     bad.image = Some(ImageSpec {
         image: "example.com/absent:1".into(),
         ..Default::default()
@@ -191,7 +108,7 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
     let err = cri
         .create_container(CreateContainerRequest {
             pod_sandbox_id: "0".repeat(64),
-            config: Some(container("x", &["true"], "")),
+            config: Some(busybox("x", &["true"], "")),
             sandbox_config: None,
         })
         .await
@@ -202,7 +119,7 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
     let script =
         "trap '' TERM; echo hello; echo oops >&2; cat /etc/resolv.conf; cat /etc/hostname; \
                   i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
-    let mut app = container("app", &["sh", "-c", script], "app/0.log");
+    let mut app = busybox("app", &["sh", "-c", script], "app/0.log");
     app.mounts = vec![Mount {
         container_path: "/data".into(),
         host_path: volume.path().display().to_string(),
@@ -371,7 +288,7 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
     let quick_id = create(
         &mut cri,
         &pod,
-        container(
+        busybox(
             "quick",
             &["sh", "-c", "echo last words; exit 4"],
             "app/quick.log",
@@ -475,15 +392,7 @@ async fn events_follow_a_container_and_removing_a_pod_removes_its_containers() {
     let mut cri = daemon.runtime().await;
     let logs = tempfile::tempdir().unwrap();
     let pod_config = pod_config(logs.path());
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
     let mut events = cri
         .get_container_events(GetEventsRequest {})
         .await
@@ -492,7 +401,7 @@ async fn events_follow_a_container_and_removing_a_pod_removes_its_containers() {
     let id = create(
         &mut cri,
         &pod,
-        container("ev", &["sleep", "1000"], ""),
+        busybox("ev", &["sleep", "1000"], ""),
         &pod_config,
     )
     .await;
@@ -552,19 +461,11 @@ async fn two_containers_oom_live_volume_updates_and_a_killed_vm() {
     let config_map = tempfile::tempdir().unwrap();
     std::fs::write(config_map.path().join("setting"), "v1\n").unwrap();
     let pod_config = pod_config(logs.path());
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
 
     // Two containers of the pod running side by side, one with a
     // ConfigMap-like volume.
-    let mut web = container("web", &["sleep", "100000"], "");
+    let mut web = busybox("web", &["sleep", "100000"], "");
     web.mounts = vec![Mount {
         container_path: "/etc/config".into(),
         host_path: config_map.path().display().to_string(),
@@ -575,7 +476,7 @@ async fn two_containers_oom_live_volume_updates_and_a_killed_vm() {
     let side_id = create(
         &mut cri,
         &pod,
-        container("side", &["sleep", "100000"], ""),
+        busybox("side", &["sleep", "100000"], ""),
         &pod_config,
     )
     .await;
@@ -622,7 +523,7 @@ async fn two_containers_oom_live_volume_updates_and_a_killed_vm() {
     }
 
     // A container over its memory limit is OOM-killed and says so.
-    let mut hog = container(
+    let mut hog = busybox(
         "hog",
         &[
             "sh",
@@ -736,16 +637,8 @@ async fn an_image_pulled_from_a_registry_runs_in_a_pod() {
     let mut cri = daemon.runtime().await;
     let logs = tempfile::tempdir().unwrap();
     let pod_config = pod_config(logs.path());
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
-        .into_inner()
-        .pod_sandbox_id;
-    let mut config = container(
+    let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
+    let mut config = busybox(
         "pulled",
         &["sh", "-c", "echo pulled and running"],
         "pulled.log",

@@ -7,73 +7,27 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use carapace_e2e::cri::{self, Cri};
 use carapace_e2e::daemon::Daemon;
 use futures_util::{SinkExt, StreamExt};
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecRequest, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    AttachRequest, ContainerConfig, ContainerState, CreateContainerRequest, ExecRequest,
+    PodSandboxConfig, RemovePodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tonic::transport::Channel;
 use tonic::Code;
 
-type Cri = RuntimeServiceClient<Channel>;
-
-const BUSYBOX: &str = "docker.io/library/busybox:latest";
-
 fn pod_config(log_dir: &Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "stream".into(),
-            uid: "uid-stream".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "stream-0".into(),
-        log_directory: log_dir.display().to_string(),
-        ..Default::default()
-    }
+    cri::pod_config("stream", log_dir)
 }
 
 fn container(name: &str, cmd: &[&str]) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: BUSYBOX.into(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        labels: HashMap::new(),
-        ..Default::default()
-    }
+    cri::busybox(name, cmd, &format!("{name}.log"))
 }
 
 async fn wait_running(cri: &mut Cri, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = cri
-            .container_status(ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .expect("ContainerStatus")
-            .into_inner()
-            .status
-            .expect("a status");
-        if s.state == ContainerState::ContainerRunning as i32 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "container never ran: {s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cri::wait_state(cri, id, ContainerState::ContainerRunning).await;
 }
 
 fn exec_request(id: &str, cmd: &[&str], stdin: bool, tty: bool) -> ExecRequest {
@@ -126,15 +80,7 @@ async fn idle_sessions_close_and_tokens_expire() {
     let mut cri = daemon.runtime().await;
     let logs = tempfile::tempdir().unwrap();
     let pod_config = pod_config(logs.path());
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
     let id = cri
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
@@ -265,15 +211,7 @@ async fn exec_attach_over_websocket_and_spdy_and_refused_tokens() {
     let mut cri = daemon.runtime().await;
     let logs = tempfile::tempdir().unwrap();
     let pod_config = pod_config(logs.path());
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log()))
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
     let id = cri
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
