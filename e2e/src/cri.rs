@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ImageSpec, PodSandboxConfig, PodSandboxMetadata, RunPodSandboxRequest,
-    StartContainerRequest,
+    CreateContainerRequest, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::Channel;
 
@@ -97,6 +97,20 @@ pub async fn create_running(
     .expect("StartContainer");
     wait_state(cri, &id, ContainerState::ContainerRunning).await;
     id
+}
+
+/// StopPodSandbox then RemovePodSandbox, as kubelet ends a pod.
+pub async fn remove_pod(cri: &mut Cri, pod: &str) {
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("RemovePodSandbox");
 }
 
 pub async fn status(cri: &mut Cri, id: &str) -> ContainerStatus {

@@ -373,16 +373,7 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
         "{seen:?}"
     );
 
-    cri.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
-    cri.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
+    cri::remove_pod(&mut cri, &pod).await;
     assert!(mounts_under(daemon.dir()).is_empty());
 }
 
@@ -664,16 +655,7 @@ async fn an_image_pulled_from_a_registry_runs_in_a_pod() {
     );
     let log = std::fs::read_to_string(logs.path().join("pulled.log")).unwrap();
     assert_eq!(entries(&log, "stdout"), ["pulled and running"]);
-    cri.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
-    cri.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
+    cri::remove_pod(&mut cri, &pod).await;
     images
         .remove_image(k8s_cri::v1::RemoveImageRequest {
             image: Some(ImageSpec {

@@ -81,22 +81,13 @@ async fn idle_sessions_close_and_tokens_expire() {
     let logs = tempfile::tempdir().unwrap();
     let pod_config = pod_config(logs.path());
     let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
-    let id = cri
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container("app", &["sleep", "3600"])),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    cri.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    wait_running(&mut cri, &id).await;
+    let id = cri::create_running(
+        &mut cri,
+        &pod,
+        container("app", &["sleep", "3600"]),
+        &pod_config,
+    )
+    .await;
 
     // An expired URL: 410.
     let url = exec_url(&mut cri, exec_request(&id, &["true"], false, false)).await;
@@ -212,22 +203,13 @@ async fn exec_attach_over_websocket_and_spdy_and_refused_tokens() {
     let logs = tempfile::tempdir().unwrap();
     let pod_config = pod_config(logs.path());
     let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
-    let id = cri
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container("app", &["sleep", "3600"])),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .expect("CreateContainer")
-        .into_inner()
-        .container_id;
-    cri.start_container(StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("StartContainer");
-    wait_running(&mut cri, &id).await;
+    let id = cri::create_running(
+        &mut cri,
+        &pod,
+        container("app", &["sleep", "3600"]),
+        &pod_config,
+    )
+    .await;
 
     // CRI's rules: tty with stderr, nothing requested, unknown container.
     let mut bad = exec_request(&id, &["true"], false, true);
