@@ -1,0 +1,161 @@
+//! Default mounts, sandbox files and CRI mounts.
+
+use super::*;
+
+fn mount_with(path: &str, source: &str, readonly: bool, propagation: i32) -> GuestMount {
+    GuestMount {
+        container_path: path.into(),
+        guest_source: source.into(),
+        readonly,
+        propagation,
+    }
+}
+
+fn destinations(spec: &Value) -> Vec<String> {
+    spec["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["destination"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn find_mount<'v>(spec: &'v Value, dest: &str) -> &'v Value {
+    spec["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["destination"] == dest)
+        .unwrap_or_else(|| panic!("no mount at {dest}"))
+}
+
+#[test]
+fn default_mounts_and_sandbox_files() {
+    let c = config();
+    let img = image();
+    let mut inp = input(&c, &img);
+    inp.sandbox_files = SandboxFiles {
+        hostname: "/run/carapace/sandbox/hostname".into(),
+        resolv_conf: "/run/carapace/sandbox/resolv.conf".into(),
+        hosts: String::new(),
+    };
+    let (_, spec) = request(&inp);
+    assert_eq!(
+        destinations(&spec),
+        [
+            "/proc",
+            "/dev",
+            "/dev/pts",
+            "/dev/shm",
+            "/dev/mqueue",
+            "/sys",
+            "/sys/fs/cgroup",
+            "/etc/hostname",
+            "/etc/resolv.conf"
+        ]
+    );
+    let cg = find_mount(&spec, "/sys/fs/cgroup");
+    assert_eq!(cg["type"], "cgroup2");
+    assert!(strings(&cg["options"]).contains(&"ro".to_owned()));
+    let hostname = find_mount(&spec, "/etc/hostname");
+    assert_eq!(hostname["type"], "bind");
+    assert_eq!(hostname["source"], "/run/carapace/sandbox/hostname");
+    assert_eq!(strings(&hostname["options"]), ["rbind", "rprivate", "rw"]);
+
+    // A read-only rootfs makes them read-only; a CRI mount of the same
+    // path replaces them.
+    let c = with_sc(|sc| sc.readonly_rootfs = true);
+    let mut inp = input(&c, &img);
+    inp.sandbox_files = SandboxFiles {
+        hostname: "/s/hostname".into(),
+        resolv_conf: "/s/resolv.conf".into(),
+        hosts: "/s/hosts".into(),
+    };
+    inp.mounts = vec![mount_with("/etc/hosts", "/kubelet/etc-hosts", false, 0)];
+    let (_, spec) = request(&inp);
+    assert_eq!(
+        strings(&find_mount(&spec, "/etc/hostname")["options"])[2],
+        "ro"
+    );
+    assert_eq!(
+        find_mount(&spec, "/etc/hosts")["source"],
+        "/kubelet/etc-hosts"
+    );
+    assert_eq!(
+        destinations(&spec)
+            .iter()
+            .filter(|d| *d == "/etc/hosts")
+            .count(),
+        1
+    );
+    assert_eq!(
+        spec["root"],
+        json!({"path": "/run/carapace/rootfs/c1", "readonly": true})
+    );
+}
+
+#[test]
+fn cri_mounts_bind_with_their_flags_in_depth_order() {
+    let c = config();
+    let img = image();
+    let mut inp = input(&c, &img);
+    inp.mounts = vec![
+        mount_with("/data/cache/", "/guest/v2", false, 1),
+        mount_with("/data", "/guest/v1", true, 0),
+        mount_with("/dev/termination-log", "/guest/t", false, 0),
+    ];
+    let (_, spec) = request(&inp);
+    let dests = destinations(&spec);
+    let tail: Vec<&str> = dests[7..].iter().map(String::as_str).collect();
+    // Stable: equal depths keep the CRI order.
+    assert_eq!(tail, ["/data", "/data/cache", "/dev/termination-log"]);
+    assert_eq!(
+        strings(&find_mount(&spec, "/data")["options"]),
+        ["rbind", "rprivate", "ro"]
+    );
+    assert_eq!(
+        strings(&find_mount(&spec, "/data/cache")["options"]),
+        ["rbind", "rslave", "rw"]
+    );
+    assert_eq!(spec["linux"]["rootfsPropagation"], "rslave");
+
+    inp.mounts = vec![
+        mount_with("/a", "/g/a", false, 2),
+        mount_with("/b", "/g/b", false, 1),
+    ];
+    let (_, spec) = request(&inp);
+    assert_eq!(strings(&find_mount(&spec, "/a")["options"])[1], "rshared");
+    assert_eq!(spec["linux"]["rootfsPropagation"], "rshared");
+
+    // A supplied /dev replaces every default mount under it.
+    inp.mounts = vec![mount_with("/dev", "/guest/dev", false, 0)];
+    let (_, spec) = request(&inp);
+    assert_eq!(
+        destinations(&spec),
+        ["/proc", "/sys", "/sys/fs/cgroup", "/dev"]
+    );
+}
+
+#[test]
+fn bad_mounts_name_the_field() {
+    let c = config();
+    let img = image();
+    for (m, want) in [
+        (
+            mount_with("data", "/g", false, 0),
+            "mounts[0].container_path:",
+        ),
+        (
+            mount_with("/a/../etc", "/g", false, 0),
+            "mounts[0].container_path:",
+        ),
+        (mount_with("/", "/g", false, 0), "mounts[0].container_path:"),
+        (mount_with("/a", "g", false, 0), "mounts[0] guest source:"),
+        (mount_with("/a", "/g", false, 7), "mounts[0].propagation:"),
+    ] {
+        let mut inp = input(&c, &img);
+        inp.mounts = vec![m];
+        let err = agent_request(&inp).unwrap_err().to_string();
+        assert!(err.starts_with(want), "{err}");
+    }
+}
