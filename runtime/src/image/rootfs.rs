@@ -16,7 +16,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -194,13 +194,18 @@ pub fn is_mountpoint(path: &Path) -> Result<bool, RootfsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(io_at("resolving", path)(e)),
     };
+    Ok(mount_points()?.contains(&path))
+}
+
+/// Every mount point of this mount namespace (per /proc/self/mountinfo).
+pub fn mount_points() -> Result<Vec<PathBuf>, RootfsError> {
     let info = Path::new("/proc/self/mountinfo");
     let text = fs::read_to_string(info).map_err(io_at("reading", info))?;
-    let want = path.as_os_str().as_bytes();
     Ok(text
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .any(|mp| unescape_mountinfo(mp) == want))
+        .map(|mp| PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(mp))))
+        .collect())
 }
 
 /// Undoes the octal escapes (`\040` for a space) of /proc/self/mountinfo.

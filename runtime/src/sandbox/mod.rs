@@ -564,13 +564,11 @@ async fn setup_guest(
 /// Unmounts whatever is still mounted under `dir` (deepest first), so that
 /// removing `dir` can never reach into a volume or an image layer.
 fn unmount_under(dir: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(all) = crate::image::rootfs::mount_points() else {
         return;
     };
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+    let mut points: Vec<PathBuf> = all
+        .into_iter()
         .filter(|p| p.starts_with(dir) && p != dir)
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
