@@ -63,9 +63,10 @@ command -v cargo-nextest >/dev/null || cargo_tool cargo-nextest 0.9.143 cargo-ne
 cd "$root"
 log "guest kernel and image (cargo xtask guest)"
 cargo xtask guest
-log "carapace (release build)"
-cargo build --quiet --release --package carapace
+log "carapace and carapace-vmm (release build)"
+cargo build --quiet --release --package carapace --package carapace-vmm
 install -d "$prefix/share/carapace"
 install -m 0644 target/guest/vmlinux target/guest/initramfs.cpio "$prefix/share/carapace/"
-install -m 0755 target/release/carapace "$prefix/bin/carapace"
-log "setup done: $prefix/bin/carapace, guest in $prefix/share/carapace"
+# The builtin driver looks for carapace-vmm next to carapace.
+install -m 0755 target/release/carapace target/release/carapace-vmm "$prefix/bin/"
+log "setup done: $prefix/bin/carapace and carapace-vmm, guest in $prefix/share/carapace"

@@ -30,7 +30,7 @@ pub enum ConfigError {
 }
 
 /// Which VM driver runs pod VMs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DriverChoice {
     /// Builtin VMM where the host has hardware KVM, QEMU otherwise.

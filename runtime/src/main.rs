@@ -13,8 +13,8 @@ use carapace::host::KvmKind;
 use carapace::image::pull::Puller;
 use carapace::image::{CriImageService, ImageStore};
 use carapace::sandbox::Sandboxes;
-use carapace::vm::qemu::QemuDriver;
 use carapace::vm::VmSpec;
+use carapace::vm::{DriverKind, VmDriver, VmError};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -94,6 +94,9 @@ struct CheckArgs {
     /// How long to wait for the agent to answer.
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     timeout: u64,
+    /// The VM driver to check (as `vm.driver` in the daemon's config).
+    #[arg(long, value_enum, default_value = "auto")]
+    driver: DriverChoice,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -173,23 +176,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(socket) = args.socket {
         config.socket = socket;
     }
-    let driver = QemuDriver::from_host()?;
     let kvm = KvmKind::detect();
-    match config.vm.driver {
-        DriverChoice::Builtin => bail!(
-            "vm.driver = \"builtin\" is not available yet: carapace-vmm cannot run pods so far; use \"qemu\" or \"auto\""
-        ),
-        DriverChoice::Auto => tracing::info!(
-            "VM driver: qemu with {:?} (auto: host has {}; the builtin VMM does not run pods yet)",
-            driver.accel(),
-            kvm.describe()
-        ),
-        DriverChoice::Qemu => tracing::info!(
-            "VM driver: qemu with {:?} (configured; host has {})",
-            driver.accel(),
-            kvm.describe()
-        ),
-    }
+    let (kind, why) = DriverKind::pick(config.vm.driver, kvm).map_err(anyhow::Error::msg)?;
+    let driver = VmDriver::from_host(kind)?;
+    tracing::info!("VM driver: {} ({why})", driver.describe());
     let store = Arc::new(ImageStore::open(&config.image_dir)?);
     for warning in store.load_warnings() {
         tracing::error!("image store: {warning}");
@@ -240,10 +230,17 @@ fn cgroup_layout() -> &'static str {
 async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let kvm = KvmKind::detect();
     println!("kvm:     {}", kvm.describe());
-    let driver = QemuDriver::from_host();
-    match &driver {
-        Ok(d) => println!("driver:  qemu ({:?})", d.accel()),
-        Err(e) => println!("driver:  qemu unavailable: {e}"),
+    let picked = DriverKind::pick(args.driver, kvm);
+    let driver = picked
+        .clone()
+        .map_err(VmError::InvalidSpec)
+        .and_then(|(kind, why)| {
+            let driver = VmDriver::from_host(kind)?;
+            println!("driver:  {} ({why})", driver.describe());
+            Ok(driver)
+        });
+    if let Err(e) = &driver {
+        println!("driver:  unavailable: {e}");
     }
     let mut missing = Vec::new();
     for (what, path) in [("kernel", &args.kernel), ("initrd", &args.initrd)] {
@@ -255,7 +252,11 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         };
         println!("{what}:  {} ({state})", path.display());
     }
-    for tool in ["qemu-system-x86_64", "vhost-device-vsock", "virtiofsd"] {
+    let tools: &[&str] = match picked {
+        Ok((DriverKind::Builtin, _)) => &["virtiofsd"],
+        _ => &["qemu-system-x86_64", "vhost-device-vsock", "virtiofsd"],
+    };
+    for &tool in tools {
         match carapace::vm::find_in_path(tool) {
             Some(path) => println!("tool:    {tool} {}", path.display()),
             None => {
@@ -263,6 +264,9 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
                 missing.push(tool.to_owned());
             }
         }
+    }
+    if let Err(e) = &driver {
+        missing.push(format!("a VM driver ({e})"));
     }
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     for fs in ["overlay", "nsfs"] {

@@ -69,11 +69,11 @@ pub(super) fn cri_state(state: SandboxState) -> PodSandboxState {
 fn verbose_info(record: &SandboxRecord) -> String {
     serde_json::json!({
         "vm": {
-            "driver": "qemu",
+            "monitor": record.vm.as_ref().map(|vm| vm.monitor.name.clone()),
             "vcpus": record.size.vcpus,
             "memMiB": record.size.mem_mib,
             "running": record.vm.as_ref().is_some_and(|vm| vm.is_running()),
-            "qemuPid": record.vm.as_ref().map(|vm| vm.qemu.pid),
+            "monitorPid": record.vm.as_ref().map(|vm| vm.monitor.pid),
             "consoleLog": record.run_dir.join("console.log"),
         },
         "reason": record.reason,

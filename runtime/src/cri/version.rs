@@ -48,10 +48,7 @@ impl CriService {
         };
         let mut info = std::collections::HashMap::new();
         if verbose {
-            info.insert(
-                "vmDriver".into(),
-                format!("qemu ({:?})", self.sandboxes.driver().accel()),
-            );
+            info.insert("vmDriver".into(), self.sandboxes.driver().describe());
         }
         Ok(StatusResponse {
             status: Some(RuntimeStatus {

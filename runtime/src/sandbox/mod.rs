@@ -20,8 +20,8 @@ use crate::host_cgroup;
 use crate::network::tap::{self, VmNetwork};
 use crate::network::{Network, NetworkError, PodIdentity, PodNetwork};
 use crate::state::{RecordDir, StateError};
-use crate::vm::qemu::{QemuDriver, QemuError};
 use crate::vm::VmSpec;
+use crate::vm::{VmDriver, VmError};
 
 /// Errors of sandbox operations.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,7 @@ pub enum SandboxError {
     #[error("pod sandbox name {name} is already reserved by sandbox {id}")]
     NameReserved { name: String, id: String },
     #[error("starting the pod VM: {0}")]
-    Vm(#[from] QemuError),
+    Vm(#[from] VmError),
     #[error("the pod VM's agent did not answer: {reason}; guest console tail:\n{console}")]
     AgentNotReady { reason: String, console: String },
     #[error("pod sandbox {id} is not ready: {reason}")]
@@ -79,7 +79,7 @@ pub struct NewSandbox {
 /// All sandboxes of this daemon.
 pub struct Sandboxes {
     config: Config,
-    driver: QemuDriver,
+    driver: VmDriver,
     network: Network,
     records: RecordDir,
     all: std::sync::Mutex<HashMap<String, Arc<Mutex<Sandbox>>>>,
@@ -91,7 +91,7 @@ impl Sandboxes {
     /// Opens the store and reloads the recorded sandboxes. A sandbox whose
     /// VM is gone is marked not ready with the reason; unreadable records
     /// are logged and skipped.
-    pub fn load(config: Config, driver: QemuDriver) -> Result<Self, SandboxError> {
+    pub fn load(config: Config, driver: VmDriver) -> Result<Self, SandboxError> {
         let records = RecordDir::open(&config.state_dir, "sandboxes")?;
         let (loaded, skipped) = records.load_all::<SandboxRecord>();
         for s in skipped {
@@ -154,7 +154,7 @@ impl Sandboxes {
     }
 
     /// The VM driver in use.
-    pub fn driver(&self) -> &QemuDriver {
+    pub fn driver(&self) -> &VmDriver {
         &self.driver
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::vm::qemu::QemuHandle;
+use crate::vm::VmHandle;
 
 /// The pod's identity as kubelet gave it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +59,7 @@ pub struct SandboxRecord {
     pub size: VmSize,
     pub run_dir: PathBuf,
     /// The VM's processes while it runs; `None` once stopped.
-    pub vm: Option<QemuHandle>,
+    pub vm: Option<VmHandle>,
     /// Guest paths of the files the agent wrote for the pod.
     #[serde(default)]
     pub files: SandboxFiles,

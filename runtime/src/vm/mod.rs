@@ -1,13 +1,108 @@
 //! VM drivers: how a pod's VM is started and stopped.
 //!
-//! Every driver gives the runtime the same thing: a running guest whose vsock
-//! is reachable through a hybrid-vsock unix socket (see `agent_client`), a
-//! console log file, and a way to stop it.
+//! Every driver gives the runtime the same thing ([`StartedVm`], then the
+//! recorded [`VmHandle`]): a running guest whose vsock is reachable through
+//! a hybrid-vsock unix socket (see `agent_client`), a console log file, and
+//! a way to stop it. `qemu` runs `qemu-system-x86_64 -M microvm` with
+//! vhost-user backends; `builtin` runs our own `carapace-vmm`.
 
+pub mod backends;
+pub mod builtin;
+pub mod handle;
 pub mod process;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
+
+pub use handle::{StartedVm, VmHandle};
+
+use crate::config::DriverChoice;
+use crate::host::KvmKind;
+
+/// Errors of the VM drivers.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0} not found in PATH (run the setup script)")]
+    MissingTool(&'static str),
+    #[error("VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what} did not come up: {reason}")]
+    BackendNotReady { what: &'static str, reason: String },
+    #[error(transparent)]
+    Ready(crate::agent_ready::ReadyError),
+}
+
+/// The driver a daemon starts its pod VMs with.
+#[derive(Debug, Clone)]
+pub enum VmDriver {
+    Qemu(qemu::QemuDriver),
+    Builtin(builtin::BuiltinDriver),
+}
+
+/// Which driver a daemon uses, from the configured choice and the host's KVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    Qemu,
+    Builtin,
+}
+
+impl DriverKind {
+    /// The driver for `choice` on a host with `kvm`, and why; an error when
+    /// the choice cannot work here. `auto` stays with QEMU even on hardware
+    /// KVM until pods through the builtin VMM have their end-to-end test
+    /// (docs/vmm.md); `builtin` must be asked for.
+    pub fn pick(choice: DriverChoice, kvm: KvmKind) -> Result<(Self, String), String> {
+        match (choice, kvm) {
+            (DriverChoice::Qemu, _) => Ok((DriverKind::Qemu, format!("configured; host has {}", kvm.describe()))),
+            (DriverChoice::Builtin, KvmKind::Hardware) => {
+                Ok((DriverKind::Builtin, "configured; host has hardware KVM".into()))
+            }
+            (DriverChoice::Builtin, _) => Err(format!(
+                "vm.driver = \"builtin\" needs hardware KVM, but this host has {}; use \"qemu\" or \"auto\"",
+                kvm.describe()
+            )),
+            (DriverChoice::Auto, KvmKind::Hardware) => Ok((
+                DriverKind::Qemu,
+                "auto: host has hardware KVM; the builtin VMM is used only when configured (vm.driver = \"builtin\") until pods through it have their end-to-end test".into(),
+            )),
+            (DriverChoice::Auto, _) => Ok((
+                DriverKind::Qemu,
+                format!("auto: host has {}, the builtin VMM needs hardware KVM", kvm.describe()),
+            )),
+        }
+    }
+}
+
+impl VmDriver {
+    /// Finds the tools of `kind` on this host.
+    pub fn from_host(kind: DriverKind) -> Result<Self, VmError> {
+        Ok(match kind {
+            DriverKind::Qemu => VmDriver::Qemu(qemu::QemuDriver::from_host()?),
+            DriverKind::Builtin => VmDriver::Builtin(builtin::BuiltinDriver::from_host()?),
+        })
+    }
+
+    /// Starts a VM for `spec`; see the drivers' `start`.
+    pub async fn start(&self, spec: &VmSpec) -> Result<StartedVm, VmError> {
+        match self {
+            VmDriver::Qemu(driver) => driver.start(spec).await,
+            VmDriver::Builtin(driver) => driver.start(spec).await,
+        }
+    }
+
+    /// Says which driver this is, for logs and `carapace check`.
+    pub fn describe(&self) -> String {
+        match self {
+            VmDriver::Qemu(driver) => format!("qemu with {:?}", driver.accel()),
+            VmDriver::Builtin(driver) => format!("builtin ({})", driver.vmm().display()),
+        }
+    }
+}
 
 /// Kernel command-line words every Carapace guest boots with.
 /// `reboot=t panic=-1`: a guest that panics or reboots makes the VM exit
@@ -72,4 +167,30 @@ fn is_executable(path: &Path) -> bool {
     path.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_from_choice_and_host() {
+        use DriverChoice::*;
+        let pick = |c, k| DriverKind::pick(c, k).map(|(kind, _)| kind);
+        assert_eq!(pick(Qemu, KvmKind::Hardware), Ok(DriverKind::Qemu));
+        assert_eq!(pick(Qemu, KvmKind::Pvm), Ok(DriverKind::Qemu));
+        assert_eq!(pick(Builtin, KvmKind::Hardware), Ok(DriverKind::Builtin));
+        assert_eq!(pick(Auto, KvmKind::Hardware), Ok(DriverKind::Qemu));
+        assert_eq!(pick(Auto, KvmKind::Pvm), Ok(DriverKind::Qemu));
+        assert_eq!(pick(Auto, KvmKind::None), Ok(DriverKind::Qemu));
+        for kvm in [KvmKind::Pvm, KvmKind::None] {
+            let err = pick(Builtin, kvm).unwrap_err();
+            assert!(
+                err.contains("needs hardware KVM") && err.contains(kvm.describe()),
+                "{err}"
+            );
+        }
+        let (_, why) = DriverKind::pick(Auto, KvmKind::Pvm).unwrap();
+        assert!(why.contains("PVM"), "{why}");
+    }
 }

@@ -1,0 +1,155 @@
+//! The `builtin` driver: our own VMM, `carapace-vmm` (`vmm/`, docs/vmm.md),
+//! one process per pod VM, configured with a JSON file in the VM's run
+//! directory. Its virtio-vsock device is built in (the hybrid-vsock socket is
+//! the VMM's own); virtiofsd serves the pod's shared directory through the
+//! VMM's vhost-user frontend; the pod network's tap is opened by name inside
+//! the pod's network namespace, where the VMM runs. Needs hardware KVM.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+use tokio::process::Command;
+
+use super::backends::{
+    self, ready_socket, wait_for_socket, Started, VIRTIOFSD_LOG, VIRTIOFS_SOCKET,
+};
+use super::handle::{StartedVm, VmHandle};
+use super::{find_in_path, VmError, VmSpec, SHARED_FS_TAG};
+use crate::agent_ready::ReadyListener;
+
+/// The VMM's binary name.
+pub const VMM_BINARY: &str = "carapace-vmm";
+/// File names in the VM's run directory.
+const CONFIG_FILE: &str = "vmm.json";
+const API_SOCKET: &str = "api.sock";
+const VMM_LOG: &str = "vmm.log";
+/// The guest's vsock context id (each VM has its own device: any valid one).
+const GUEST_CID: u32 = 3;
+/// virtio-fs queues: one request queue (the guest's agent and containers
+/// share it) of the size virtiofsd handles by default.
+const FS_REQUEST_QUEUES: u32 = 1;
+const FS_QUEUE_SIZE: u16 = 1024;
+
+/// Starts VMs with `carapace-vmm`.
+#[derive(Debug, Clone)]
+pub struct BuiltinDriver {
+    vmm: PathBuf,
+    fs_backend: PathBuf,
+}
+
+impl BuiltinDriver {
+    /// Finds `carapace-vmm` next to this program (where the setup installs
+    /// both), else in `$PATH`, and virtiofsd in `$PATH`.
+    pub fn from_host() -> Result<Self, VmError> {
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join(VMM_BINARY)))
+            .filter(|path| path.is_file());
+        Ok(Self {
+            vmm: beside
+                .or_else(|| find_in_path(VMM_BINARY))
+                .ok_or(VmError::MissingTool(VMM_BINARY))?,
+            fs_backend: find_in_path("virtiofsd").ok_or(VmError::MissingTool("virtiofsd"))?,
+        })
+    }
+
+    /// The VMM binary in use.
+    pub fn vmm(&self) -> &Path {
+        &self.vmm
+    }
+
+    /// The VMM's configuration for `spec` (docs/vmm.md, "Configuration").
+    pub fn vmm_config(&self, spec: &VmSpec) -> serde_json::Value {
+        let mut config = json!({
+            "vcpus": spec.vcpus,
+            "mem_size_mib": spec.mem_mib,
+            "kernel": spec.kernel,
+            "initrd": spec.initrd,
+            "cmdline": spec.cmdline(),
+            "serial": {"file": spec.console_log()},
+            "vsock": {"guest_cid": GUEST_CID, "uds_path": spec.vsock_socket()},
+            "api_socket": spec.run_dir.join(API_SOCKET),
+        });
+        if spec.shared_dir.is_some() {
+            config["fs"] = json!([{
+                "tag": SHARED_FS_TAG,
+                "socket": spec.run_dir.join(VIRTIOFS_SOCKET),
+                "num_request_queues": FS_REQUEST_QUEUES,
+                "queue_size": FS_QUEUE_SIZE,
+            }]);
+        }
+        if let Some(net) = &spec.network {
+            config["net"] = json!([{"tap": net.tap, "mac": net.mac, "mtu": net.mtu}]);
+        }
+        config
+    }
+
+    /// Starts virtiofsd (when the VM has a shared directory), then the VMM.
+    /// Returns once the VMM runs; the agent is ready when it answers (see
+    /// [`StartedVm::wait_agent`]). If the start fails, what was started is
+    /// killed.
+    pub async fn start(&self, spec: &VmSpec) -> Result<StartedVm, VmError> {
+        let vsock_socket = spec.vsock_socket();
+        let fs_socket = spec.run_dir.join(VIRTIOFS_SOCKET);
+        let api_socket = spec.run_dir.join(API_SOCKET);
+        backends::validate(
+            spec,
+            &[
+                vsock_socket.clone(),
+                ready_socket(spec),
+                fs_socket.clone(),
+                api_socket.clone(),
+            ],
+        )?;
+        for stale in [&vsock_socket, &fs_socket, &api_socket] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let mut started = Started::default();
+        let fs = match &spec.shared_dir {
+            Some(dir) => {
+                let fs = started.virtiofsd(&self.fs_backend, spec, dir, &fs_socket)?;
+                let log = spec.run_dir.join(VIRTIOFSD_LOG);
+                wait_for_socket("virtiofsd", &fs, &fs_socket, &log).await?;
+                Some(fs)
+            }
+            None => None,
+        };
+
+        // Bound before the guest runs, so its announcement cannot be missed.
+        let ready = ReadyListener::bind(&vsock_socket).map_err(VmError::Ready)?;
+
+        let config_path = spec.run_dir.join(CONFIG_FILE);
+        let config = serde_json::to_vec_pretty(&self.vmm_config(spec))
+            .map_err(|e| VmError::InvalidSpec(format!("VMM configuration: {e}")))?;
+        std::fs::write(&config_path, config).map_err(|source| VmError::Spawn {
+            what: "carapace-vmm (writing its configuration)",
+            source,
+        })?;
+        let started_at = Instant::now();
+        let mut command = Command::new(&self.vmm);
+        command.arg("--config").arg(&config_path);
+        if let Some(net) = &spec.network {
+            backends::in_netns(&mut command, VMM_BINARY, &net.netns)?;
+        }
+        let monitor = started.spawn(VMM_BINARY, command, &spec.run_dir.join(VMM_LOG))?;
+        started.disarm();
+        Ok(StartedVm {
+            handle: VmHandle {
+                monitor,
+                backend: None,
+                fs_socket: fs.as_ref().map(|_| fs_socket),
+                fs,
+                vsock_socket,
+                vhost_socket: None,
+                api_socket: Some(api_socket),
+                console_log: spec.console_log(),
+            },
+            ready,
+            started_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,134 @@
+use std::time::Duration;
+
+use super::*;
+
+#[path = "../../../../vmm/tests/common/mod.rs"]
+mod payloads;
+
+fn spec(dir: &Path) -> VmSpec {
+    VmSpec {
+        kernel: dir.join("vmlinux"),
+        initrd: dir.join("initrd"),
+        vcpus: 1,
+        mem_mib: 64,
+        extra_cmdline: String::new(),
+        run_dir: dir.to_owned(),
+        shared_dir: None,
+        network: None,
+    }
+}
+
+fn driver(vmm: PathBuf) -> BuiltinDriver {
+    BuiltinDriver {
+        vmm,
+        fs_backend: "virtiofsd".into(),
+    }
+}
+
+/// `carapace-vmm` as built next to this test binary (`cargo build --bins`;
+/// the test command builds it first). Fails, never skips, without it.
+fn built_vmm() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // <target>/<profile>/deps/<test binary>
+    let vmm = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join(VMM_BINARY);
+    assert!(
+        vmm.is_file(),
+        "{} is missing: build it first (cargo build --workspace --bins)",
+        vmm.display()
+    );
+    vmm
+}
+
+#[test]
+fn config_is_one_the_vmm_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(dir.path());
+    std::fs::write(&s.kernel, payloads::elf_with(payloads::HALT_FOREVER)).unwrap();
+    std::fs::write(&s.initrd, b"initrd").unwrap();
+    let config = driver("carapace-vmm".into()).vmm_config(&s);
+    assert_eq!(config["cmdline"], s.cmdline());
+    assert_eq!(config["vsock"]["uds_path"], json!(s.vsock_socket()));
+    assert_eq!(config["serial"]["file"], json!(s.console_log()));
+    assert!(config.get("fs").is_none() && config.get("net").is_none());
+    // The VMM's own parser and validation: field names and bounds agree.
+    let parsed: carapace_vmm::config::VmConfig = serde_json::from_value(config).unwrap();
+    parsed
+        .validate()
+        .expect("the VMM accepts the runtime's config");
+}
+
+#[test]
+fn config_wires_the_share_and_the_pod_network() {
+    let s = VmSpec {
+        shared_dir: Some("/run/pods/p1/shared".into()),
+        network: Some(crate::network::tap::VmNetwork {
+            netns: "/run/carapace/netns/p1".into(),
+            tap: "tap0".into(),
+            mac: "0a:58:0a:00:00:05".into(),
+            mtu: 1450,
+        }),
+        ..spec(Path::new("/run/vm1"))
+    };
+    let config = driver("carapace-vmm".into()).vmm_config(&s);
+    assert_eq!(
+        config["fs"],
+        json!([{"tag": "carapace", "socket": "/run/vm1/virtiofs.sock",
+                "num_request_queues": 1, "queue_size": 1024}])
+    );
+    assert_eq!(
+        config["net"],
+        json!([{"tap": "tap0", "mac": "0a:58:0a:00:00:05", "mtu": 1450}])
+    );
+    // The share's path is virtiofsd's business, not the VMM's.
+    assert!(!config.to_string().contains("/run/pods/p1/shared"));
+}
+
+/// The real VMM on this host's KVM, with a payload that halts forever in
+/// place of a Linux guest (this host cannot boot Linux; the node tests do):
+/// the driver starts it, it runs with its sockets, and stopping it leaves
+/// neither process nor socket.
+#[tokio::test]
+async fn starts_and_stops_the_vmm() {
+    payloads::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(dir.path());
+    std::fs::write(&s.kernel, payloads::elf_with(payloads::HALT_FOREVER)).unwrap();
+    std::fs::write(&s.initrd, b"initrd").unwrap();
+    let vm = driver(built_vmm()).start(&s).await.unwrap();
+    let api = vm.handle.api_socket.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(api.exists() && std::fs::read(vm.console_log()).is_ok_and(|c| c == b"H")) {
+        assert!(
+            vm.handle.is_running(),
+            "carapace-vmm exited: {:?}",
+            std::fs::read_to_string(dir.path().join(VMM_LOG))
+        );
+        assert!(Instant::now() < deadline, "the payload never wrote its 'H'");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(vm.vsock_socket().exists() && ready_socket(&s).exists());
+    let handle = vm.handle.clone();
+    assert_eq!(handle.pids(), vec![handle.monitor.pid]);
+    vm.stop().await;
+    assert!(!handle.is_running());
+    assert!(!api.exists() && !handle.vsock_socket.exists());
+}
+
+#[tokio::test]
+async fn a_config_the_vmm_refuses_fails_the_start_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(dir.path());
+    // Not an ELF: validation passes (a file), the VMM refuses to load it.
+    std::fs::write(&s.kernel, b"not a kernel").unwrap();
+    std::fs::write(&s.initrd, b"initrd").unwrap();
+    let vm = driver(built_vmm()).start(&s).await.unwrap();
+    let err = vm.wait_agent(Duration::from_secs(10)).await.unwrap_err();
+    assert!(!vm.handle.is_running(), "{err}");
+    let log = std::fs::read_to_string(dir.path().join(VMM_LOG)).unwrap();
+    assert!(log.contains("kernel") || log.contains("ELF"), "{log}");
+    vm.stop().await;
+}
