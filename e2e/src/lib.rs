@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use carapace::agent_client::AgentClient;
-use carapace::vm::qemu::{QemuDriver, QemuHandle, QemuVm};
+use carapace::vm::qemu::QemuDriver;
 use carapace::vm::VmSpec;
+use carapace::vm::{StartedVm, VmHandle};
 use carapace_agent_api::v1::HealthResponse;
 
 pub mod cri;
@@ -108,7 +109,7 @@ impl Default for VmOptions {
 
 /// A booted guest whose agent answered.
 pub struct TestVm {
-    vm: Option<QemuVm>,
+    vm: Option<StartedVm>,
     run_dir: tempfile::TempDir,
     agent: AgentClient,
     first_health: HealthResponse,
@@ -192,7 +193,7 @@ impl TestVm {
     }
 
     /// The VM's processes, to observe or kill them from a test.
-    pub fn handle(&self) -> &QemuHandle {
+    pub fn handle(&self) -> &VmHandle {
         &self.vm.as_ref().expect("the VM is running").handle
     }
 
