@@ -10,13 +10,27 @@ prefix=${CARAPACE_PREFIX:-/usr/local}
 demo=${CARAPACE_DEMO_DIR:-/var/tmp/carapace-demo}
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-mkdir -p "$demo"
+mkdir -p "$demo/net.d"
+# The demo pod's network: Debian's CNI plugins, a bridge of its own on the
+# host (carapace0, 10.88.42.0/24, no masquerading: the host reaches the pod,
+# nothing else changes).
+cat >"$demo/net.d/10-carapace-demo.conflist" <<JSON
+{"cniVersion": "1.0.0", "name": "carapace-demo", "plugins": [
+  {"type": "bridge", "bridge": "carapace0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.42.0/24"}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}},
+  {"type": "loopback"}]}
+JSON
 cat >"$demo/config.toml" <<TOML
 socket = "$demo/carapace.sock"
 state_dir = "$demo/state"
 image_dir = "$demo/images"
 containers_dir = "$demo/containers"
 run_dir = "$demo/run"
+[network]
+cni_conf_dir = "$demo/net.d"
+netns_dir = "$demo/netns"
 [vm]
 kernel = "$prefix/share/carapace/vmlinux"
 initrd = "$prefix/share/carapace/initramfs.cpio"
