@@ -83,7 +83,7 @@ where
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
-            let message = format!("dial tcp {target}: {e}");
+            let message = format!("dial tcp {target}: connect: {}", error_text(&e));
             host.write_all(proto::reply_error(&message).as_bytes())
                 .await?;
             return Ok(());
@@ -99,6 +99,21 @@ where
     host.write_all(proto::REPLY_OK.as_bytes()).await?;
     host.flush().await?;
     pump(host, tcp).await
+}
+
+/// An OS error as Go (kubectl's side) words it: `connection refused`, not
+/// `Connection refused (os error 111)`.
+fn error_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(at) => &text[..at],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 /// Copies until both directions ended: guest socket bytes become chunks to
@@ -189,7 +204,7 @@ mod tests {
             .unwrap();
         let line = String::from_utf8(reply(&mut host).await).unwrap();
         assert!(line.starts_with("ERR dial tcp 127.0.0.1:"), "{line}");
-        assert!(line.contains("refused"), "{line}");
+        assert!(line.ends_with(": connect: connection refused"), "{line}");
         forward.await.unwrap().unwrap();
 
         for bad in [&b"PORT 0\n"[..], b"GET / HTTP/1.1\n", b"PORT 99999\n"] {

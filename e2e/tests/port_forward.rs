@@ -192,7 +192,8 @@ async fn websocket(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, base
     }
     let error = String::from_utf8_lossy(&seen[&3]).into_owned();
     assert!(
-        error.contains("error forwarding port 8081") && error.contains("connection refused"),
+        error.contains("error forwarding port 8081")
+            && error.to_lowercase().contains("connection refused"),
         "{error}"
     );
     assert!(seen.get(&1).is_none_or(|e| e.is_empty()), "{seen:?}");
@@ -384,7 +385,8 @@ async fn spdy(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, baseline:
     let (_, mut refused_data, mut refused_error) = client.forward(8081, 101).await;
     let error = String::from_utf8(read_to_end(&mut refused_error).await).unwrap();
     assert!(
-        error.contains("error forwarding port 8081") && error.contains("connection refused"),
+        error.contains("error forwarding port 8081")
+            && error.to_lowercase().contains("connection refused"),
         "{error}"
     );
     assert!(read_to_end(&mut refused_data).await.is_empty());
