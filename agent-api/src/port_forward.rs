@@ -205,7 +205,7 @@ mod tests {
             Some(b"PORT 80".to_vec())
         );
         assert_eq!(input, b"rest");
-        let long = vec![b'x'; MAX_REQUEST * 2];
+        let long = [b'x'; MAX_REQUEST * 2];
         assert_eq!(read_line(&mut &long[..], MAX_REQUEST).await.unwrap(), None);
         // Exactly at the bound (newline included) passes, one more fails.
         let mut at = vec![b'x'; MAX_REQUEST - 1];

@@ -220,12 +220,15 @@ async fn websocket(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, base
 /// whether it ended, by stream id.
 struct SpdyClient {
     wr: Mutex<(HeaderEncoder, tokio::net::tcp::OwnedWriteHalf)>,
-    streams: Arc<std::sync::Mutex<HashMap<u32, mpsc::UnboundedSender<Option<Vec<u8>>>>>>,
+    streams: Routes,
     next_id: std::sync::atomic::AtomicU32,
 }
 
 /// A stream's incoming data; `None` once it ended (FIN or reset).
 type Incoming = mpsc::UnboundedReceiver<Option<Vec<u8>>>;
+
+/// Where the reader sends each stream's data.
+type Routes = Arc<std::sync::Mutex<HashMap<u32, mpsc::UnboundedSender<Option<Vec<u8>>>>>>;
 
 impl SpdyClient {
     async fn connect(url: &str) -> Arc<Self> {
@@ -254,8 +257,7 @@ impl SpdyClient {
             "{head}"
         );
         let (mut rd, wr) = tcp.into_split();
-        let streams: Arc<std::sync::Mutex<HashMap<u32, mpsc::UnboundedSender<_>>>> =
-            Default::default();
+        let streams: Routes = Default::default();
         let routes = streams.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
