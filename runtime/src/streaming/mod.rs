@@ -366,7 +366,9 @@ impl StreamingServer {
                 PfWire::WebSocket(protocol, ports) => {
                     websocket_portforward::serve(upgraded, protocol, ports, forwarder, idle).await
                 }
-                PfWire::Spdy => spdy_portforward::serve(upgraded, forwarder, idle).await,
+                PfWire::Spdy => {
+                    spdy_portforward::serve(TokioIo::new(upgraded), forwarder, idle).await
+                }
             }
         });
         response

@@ -198,17 +198,17 @@ async fn run(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
     use tokio::net::UnixListener;
 
     /// A fake VM socket: answers the hybrid-vsock handshake, then acts as
     /// the agent with `agent`.
-    async fn fake_vm<F, Fut>(agent: F) -> (tempfile::TempDir, Forwarder)
+    pub(crate) async fn fake_vm<F, Fut>(agent: F) -> (tempfile::TempDir, Forwarder)
     where
         F: Fn(UnixStream) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vsock.sock");
@@ -222,7 +222,7 @@ mod tests {
                     format!("CONNECT {PORT_FORWARD_VSOCK_PORT}").as_bytes()
                 );
                 s.write_all(b"OK 5\n").await.unwrap();
-                agent(s).await;
+                tokio::spawn(agent(s));
             }
         });
         let forwarder = Forwarder {

@@ -10,9 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -183,8 +181,11 @@ fn data_frame(stream_id: u32, flags: u8, data: Vec<u8>) -> Write {
 }
 
 /// Serves one port-forward session over an upgraded SPDY connection.
-pub async fn serve(upgraded: Upgraded, forwarder: Forwarder, idle: Duration) {
-    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+pub async fn serve<S>(io: S, forwarder: Forwarder, idle: Duration)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
     let (write_tx, mut write_rx) = mpsc::channel::<Write>(CHANNEL_DEPTH);
     let _writer = AbortOnDrop(tokio::spawn(async move {
         let mut enc = HeaderEncoder::new();
@@ -488,6 +489,170 @@ mod tests {
             vec![(Some(11), None)]
         );
         assert!(p.waiting.is_empty());
+    }
+
+    /// A SPDY client on one end of a pipe: (writer with its header
+    /// context, frames read).
+    struct Client {
+        enc: HeaderEncoder,
+        wr: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+        frames: mpsc::UnboundedReceiver<Frame>,
+    }
+
+    impl Client {
+        fn start(forwarder: Forwarder) -> Self {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(serve(theirs, forwarder, Duration::from_secs(60)));
+            let (mut rd, wr) = tokio::io::split(ours);
+            let (tx, frames) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 16 * 1024];
+                loop {
+                    while let Some((f, used)) = Frame::parse(&buf).unwrap() {
+                        buf.drain(..used);
+                        if tx.send(f).is_err() {
+                            return;
+                        }
+                    }
+                    match rd.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+            Self {
+                enc: HeaderEncoder::new(),
+                wr,
+                frames,
+            }
+        }
+
+        async fn open(&mut self, id: u32, kind: &str, port: &str, request: &str) {
+            let block = self
+                .enc
+                .encode(&[("streamType", kind), ("port", port), ("requestID", request)])
+                .unwrap();
+            let frame = Frame::SynStream {
+                stream_id: id,
+                associated: 0,
+                priority: 0,
+                flags: 0,
+                block,
+            };
+            self.wr.write_all(&frame.encode()).await.unwrap();
+        }
+
+        async fn data(&mut self, id: u32, data: &[u8], fin: bool) {
+            let frame = Frame::Data {
+                stream_id: id,
+                flags: if fin { FLAG_FIN } else { 0 },
+                data: data.to_vec(),
+            };
+            self.wr.write_all(&frame.encode()).await.unwrap();
+        }
+    }
+
+    /// An agent that answers `OK` for port 80 and refuses the others, then
+    /// echoes chunk by chunk (reading no more while its echo is not taken).
+    async fn echo_agent(mut s: tokio::net::UnixStream) {
+        use carapace_agent_api::port_forward as proto;
+        let line = proto::read_line(&mut s, 64).await.unwrap().unwrap();
+        if line != b"PORT 80" {
+            let _ = s
+                .write_all(proto::reply_error("dial tcp: connect: connection refused").as_bytes())
+                .await;
+            return;
+        }
+        s.write_all(b"OK\n").await.unwrap();
+        let mut buf = Vec::new();
+        while let Ok(true) = proto::read_chunk(&mut s, &mut buf).await {
+            if proto::write_chunk(&mut s, &buf).await.is_err() {
+                return;
+            }
+        }
+        let _ = proto::write_end(&mut s).await;
+    }
+
+    #[tokio::test]
+    async fn a_session_pairs_forwards_echoes_and_reports_refusals() {
+        let (_dir, fwd) = crate::streaming::port_forward::tests::fake_vm(echo_agent).await;
+        let mut c = Client::start(fwd);
+        // Request 0 to a refused port, request 1 to the echo: data first.
+        c.open(1, "error", "81", "0").await;
+        c.open(3, "data", "81", "0").await;
+        c.open(5, "data", "80", "1").await;
+        c.open(7, "error", "80", "1").await;
+        // A bad stream is refused, the session goes on.
+        c.open(9, "stdin", "80", "2").await;
+        // 4 MiB through the echo while reading: the session must neither
+        // deadlock nor lose anything.
+        let payload: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+        let sender = {
+            let payload = payload.clone();
+            let mut wr = c.wr;
+            tokio::spawn(async move {
+                for piece in payload.chunks(16 * 1024) {
+                    let f = Frame::Data {
+                        stream_id: 5,
+                        flags: 0,
+                        data: piece.to_vec(),
+                    };
+                    wr.write_all(&f.encode()).await.unwrap();
+                }
+                let f = Frame::Data {
+                    stream_id: 5,
+                    flags: FLAG_FIN,
+                    data: Vec::new(),
+                };
+                wr.write_all(&f.encode()).await.unwrap();
+                wr
+            })
+        };
+        let mut replies = Vec::new();
+        let mut streams: HashMap<u32, (Vec<u8>, bool)> = HashMap::new();
+        let mut rst = Vec::new();
+        let done = |s: &HashMap<u32, (Vec<u8>, bool)>| {
+            [1, 3, 5, 7].iter().all(|id| s.get(id).is_some_and(|e| e.1))
+        };
+        while !done(&streams) {
+            let frame = tokio::time::timeout(Duration::from_secs(20), c.frames.recv())
+                .await
+                .expect("the session stalled")
+                .expect("the session ended");
+            match frame {
+                Frame::SynReply { stream_id, .. } => replies.push(stream_id),
+                Frame::RstStream { stream_id, .. } => rst.push(stream_id),
+                Frame::Data {
+                    stream_id,
+                    flags,
+                    data,
+                } => {
+                    let e = streams.entry(stream_id).or_default();
+                    assert!(!e.1, "data after FIN on {stream_id}");
+                    e.0.extend_from_slice(&data);
+                    e.1 = flags & FLAG_FIN != 0;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        replies.sort();
+        assert_eq!(replies, [1, 3, 5, 7]);
+        assert_eq!(rst, [9]);
+        let refusal = String::from_utf8_lossy(&streams[&1].0).into_owned();
+        assert_eq!(
+            refusal,
+            "error forwarding port 81 to pod p, uid : dial tcp: connect: connection refused"
+        );
+        assert!(streams[&3].0.is_empty());
+        assert!(streams[&5].0 == payload, "the echo differs");
+        assert!(streams[&7].0.is_empty());
+        c.wr = sender.await.unwrap();
+        // PINGs are answered.
+        let ping = Frame::Ping(7).encode();
+        c.wr.write_all(&ping).await.unwrap();
+        assert_eq!(c.frames.recv().await, Some(Frame::Ping(7)));
+        c.data(5, b"late", false).await;
     }
 
     #[test]
