@@ -39,7 +39,7 @@ pub async fn serve(listener: tokio_vsock::VsockListener) {
             Ok((stream, _)) => {
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, Ipv4Addr::LOCALHOST).await {
-                        tracing::debug!("port-forward: {e}");
+                        tracing::info!("port-forward connection failed: {e}");
                     }
                 });
             }

@@ -193,7 +193,7 @@ async fn websocket(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, base
     let error = String::from_utf8_lossy(&seen[&3]).into_owned();
     assert!(
         error.contains("error forwarding port 8081")
-            && error.to_lowercase().contains("connection refused"),
+            && error.contains("dial tcp 127.0.0.1:8081: connect: connection refused"),
         "{error}"
     );
     assert!(seen.get(&1).is_none_or(|e| e.is_empty()), "{seen:?}");
@@ -388,7 +388,7 @@ async fn spdy(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, baseline:
     let error = String::from_utf8(read_to_end(&mut refused_error).await).unwrap();
     assert!(
         error.contains("error forwarding port 8081")
-            && error.to_lowercase().contains("connection refused"),
+            && error.contains("dial tcp 127.0.0.1:8081: connect: connection refused"),
         "{error}"
     );
     assert!(read_to_end(&mut refused_data).await.is_empty());
@@ -408,12 +408,17 @@ async fn spdy(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, baseline:
             }
             client.send(id, b"", true).await;
             let got = read_to_end(&mut data).await;
-            assert_eq!(&got[..GREETING.len()], GREETING.as_bytes());
+            let error = String::from_utf8_lossy(&read_to_end(&mut error).await).into_owned();
+            assert!(error.is_empty(), "connection {i}: {error}");
+            assert!(
+                got.starts_with(GREETING.as_bytes()),
+                "connection {i}: {:?}",
+                String::from_utf8_lossy(&got[..got.len().min(100)])
+            );
             assert!(
                 got[GREETING.len()..] == payload[..],
                 "connection {i}: echo differs"
             );
-            assert!(read_to_end(&mut error).await.is_empty(), "connection {i}");
         }));
     }
     for t in tasks {
