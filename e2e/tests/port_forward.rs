@@ -23,9 +23,12 @@ use tonic::Code;
 
 const GREETING: &str = "pod:pf-0\n";
 
-/// The server: every connection gets the hostname, then `cat`.
+/// The server: every connection gets the hostname, then `cat`. Busybox nc
+/// listens with a backlog of one per `-l`: with `-ll` (2) ten connections
+/// at once overflow its accept queue, and the guest's TCP then resets some
+/// of them (seen as "connection reset by peer" in the agent), so 16.
 const SERVER: &str = "printf '#!/bin/sh\\necho pod:$(hostname)\\nexec cat\\n' > /tmp/echo && \
-                      chmod +x /tmp/echo && exec nc -ll -p 8080 -e /tmp/echo";
+                      chmod +x /tmp/echo && exec nc -llllllllllllllll -p 8080 -e /tmp/echo";
 
 async fn url(cri: &mut Cri, pod: &str, ports: &[i32]) -> String {
     cri.port_forward(PortForwardRequest {
