@@ -142,6 +142,13 @@ async fn port_forward_over_websocket_spdy_and_kubectl() {
     websocket(&mut cri, &pod, &server, &daemon, baseline).await;
     spdy(&mut cri, &pod, &server, &daemon, baseline).await;
     kubectl(&cri, &pod, logs.path()).await;
+    let log = daemon.log();
+    for over in ["WebSocket", "SPDY", "SPDY in a WebSocket tunnel"] {
+        assert!(
+            log.contains(&format!("port-forward session over {over} pod=")),
+            "no session over {over}"
+        );
+    }
 
     cri::remove_pod(&mut cri, &pod).await;
 }
@@ -449,6 +456,13 @@ async fn spdy(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, baseline:
 /// fake API server that hands its request to the URL of a CRI PortForward,
 /// as kubelet's proxy does.
 async fn kubectl(cri: &Cri, pod: &str, dir: &std::path::Path) {
+    // SPDY, and SPDY tunnelled in a WebSocket (kubectl's default).
+    for websockets in ["false", "true"] {
+        kubectl_with(cri, pod, dir, websockets).await;
+    }
+}
+
+async fn kubectl_with(cri: &Cri, pod: &str, dir: &std::path::Path, websockets: &'static str) {
     let api = fake_apiserver(cri.clone(), pod.to_owned()).await;
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(
@@ -461,7 +475,7 @@ async fn kubectl(cri: &Cri, pod: &str, dir: &std::path::Path) {
     )
     .unwrap();
     let mut child = tokio::process::Command::new("kubectl")
-        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")
+        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .args(["port-forward", "--address", "127.0.0.1", "pod/pf", ":8080"])
@@ -501,7 +515,11 @@ async fn kubectl(cri: &Cri, pod: &str, dir: &std::path::Path) {
                 .await
                 .expect("kubectl connection did not end")
                 .unwrap();
-            assert_eq!(String::from_utf8_lossy(&got), format!("{GREETING}{line}"));
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                format!("{GREETING}{line}"),
+                "websockets={websockets}"
+            );
         }));
     }
     for t in tasks {

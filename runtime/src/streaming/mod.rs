@@ -284,6 +284,7 @@ impl StreamingServer {
         enum PfWire {
             WebSocket(websocket_portforward::Protocol, Vec<u16>),
             Spdy,
+            Tunnel,
         }
         let wire = match upgrade.as_str() {
             "websocket" => {
@@ -291,14 +292,23 @@ impl StreamingServer {
                     return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
                 };
                 let offered = header(&req, hyper::header::SEC_WEBSOCKET_PROTOCOL);
-                let Some((protocol, name)) =
-                    websocket_portforward::Protocol::negotiate(offered.as_deref())
-                else {
-                    return plain(StatusCode::BAD_REQUEST, "no supported channel protocol");
-                };
-                let ports = match websocket_portforward::ports(&pf.port, req.uri().query()) {
-                    Ok(p) => p,
-                    Err(e) => return plain(StatusCode::BAD_REQUEST, &e),
+                let tunnel = offered.as_deref().is_some_and(|o| {
+                    o.split(',')
+                        .any(|p| p.trim() == spdy_portforward::TUNNEL_PROTOCOL)
+                });
+                let (wire, name) = if tunnel {
+                    (PfWire::Tunnel, Some(spdy_portforward::TUNNEL_PROTOCOL))
+                } else {
+                    let Some((protocol, name)) =
+                        websocket_portforward::Protocol::negotiate(offered.as_deref())
+                    else {
+                        return plain(StatusCode::BAD_REQUEST, "no supported channel protocol");
+                    };
+                    let ports = match websocket_portforward::ports(&pf.port, req.uri().query()) {
+                        Ok(p) => p,
+                        Err(e) => return plain(StatusCode::BAD_REQUEST, &e),
+                    };
+                    (PfWire::WebSocket(protocol, ports), name)
                 };
                 headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
                 let accept =
@@ -312,7 +322,7 @@ impl StreamingServer {
                         HeaderValue::from_static(name),
                     );
                 }
-                PfWire::WebSocket(protocol, ports)
+                wire
             }
             "spdy/3.1" => {
                 let offered: Vec<String> = req
@@ -362,6 +372,12 @@ impl StreamingServer {
                     return;
                 }
             };
+            let over = match &wire {
+                PfWire::WebSocket(..) => "WebSocket",
+                PfWire::Spdy => "SPDY",
+                PfWire::Tunnel => "SPDY in a WebSocket tunnel",
+            };
+            tracing::debug!(pod = %forwarder.pod, "port-forward session over {over}");
             match wire {
                 PfWire::WebSocket(protocol, ports) => {
                     websocket_portforward::serve(upgraded, protocol, ports, forwarder, idle).await
@@ -369,6 +385,7 @@ impl StreamingServer {
                 PfWire::Spdy => {
                     spdy_portforward::serve(TokioIo::new(upgraded), forwarder, idle).await
                 }
+                PfWire::Tunnel => spdy_portforward::serve_tunneled(upgraded, forwarder, idle).await,
             }
         });
         response

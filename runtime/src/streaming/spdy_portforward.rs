@@ -384,6 +384,66 @@ where
     }
 }
 
+/// The WebSocket subprotocol of kubectl's SPDY-over-WebSocket tunnel
+/// (client-go's default for port-forward since 1.31).
+pub const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+
+/// Serves a port-forward session whose SPDY bytes travel in the binary
+/// messages of a WebSocket (`TUNNEL_PROTOCOL`): a pipe of 64 KiB between
+/// the WebSocket and [`serve`] keeps the backpressure.
+pub async fn serve_tunneled(
+    upgraded: hyper::upgrade::Upgraded,
+    forwarder: Forwarder,
+    idle: Duration,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        Role::Server,
+        Some(super::websocket::config()),
+    )
+    .await;
+    let (mut sink, mut source) = ws.split();
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut rd, mut wr) = tokio::io::split(ours);
+    let session = AbortOnDrop(tokio::spawn(serve(theirs, forwarder, idle)));
+    let inbound = async {
+        while let Some(Ok(msg)) = source.next().await {
+            match msg {
+                Message::Binary(b) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let outbound = async {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink.send(Message::binary(buf[..n].to_vec())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    };
+    // Either side ending ends the session.
+    tokio::select! {
+        _ = inbound => {}
+        _ = outbound => {}
+    }
+    drop(session);
+}
+
 /// Aborts a task when dropped (the writer must not outlive its session).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
