@@ -411,11 +411,7 @@ pub async fn serve_tunneled(
     let inbound = async {
         while let Some(Ok(msg)) = source.next().await {
             match msg {
-                Message::Binary(b) => {
-                    if wr.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(b) if wr.write_all(&b).await.is_err() => break,
                 Message::Close(_) => break,
                 _ => {}
             }
