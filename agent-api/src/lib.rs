@@ -8,8 +8,10 @@ pub mod v1 {
     tonic::include_proto!("carapace.agent.v1");
 }
 
+pub mod port_forward;
+
 /// The newest agent API revision this build speaks.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 
 /// The oldest agent API revision this build still serves.
 pub const MIN_API_VERSION: u32 = 1;
@@ -22,6 +24,14 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// waits for this instead of polling the guest: connecting to a guest whose
 /// vsock driver is still initialising is unreliable with some backends.
 pub const READY_VSOCK_PORT: u32 = 1025;
+
+/// The vsock port on which the agent carries port-forwarded connections,
+/// one TCP connection per vsock connection (see [`port_forward`]). Served
+/// from API revision [`PORT_FORWARD_API_VERSION`].
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1026;
+
+/// The first agent API revision serving [`PORT_FORWARD_VSOCK_PORT`].
+pub const PORT_FORWARD_API_VERSION: u32 = 3;
 
 /// Where the agent writes the pod's DNS and host files (SetupSandbox).
 pub const SANDBOX_FILES_DIR: &str = "/run/carapace/sandbox";

@@ -13,6 +13,7 @@ mod container;
 mod init;
 mod listen;
 mod network;
+mod port_forward;
 mod reaper;
 mod sandbox;
 mod service;
@@ -111,6 +112,13 @@ fn run(listen: ListenAddr, started: Instant, is_init: bool) -> Result<(), String
         let reaper = reaper::Reaper::start()
             .map_err(|e| format!("cannot watch for exited children: {e}"))?;
         let containers = std::sync::Arc::new(container::Manager::new(reaper));
+        if let ListenAddr::Vsock(_) = listen {
+            // Bound before the API serves (and announces readiness), so a
+            // ready agent always takes port-forward connections.
+            if let Err(e) = port_forward::start(carapace_agent_api::PORT_FORWARD_VSOCK_PORT) {
+                tracing::error!("cannot serve port-forward: {e}");
+            }
+        }
         loop {
             let result = service::serve(&listen, started, containers.clone()).await;
             if !is_init {

@@ -189,15 +189,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let images = CriImageService::new(puller);
     let sandboxes = Arc::new(Sandboxes::load(config.clone(), driver)?);
     let containers = Containers::load(config.clone(), sandboxes.clone(), store)?;
-    let streaming =
-        carapace::streaming::StreamingServer::start(&config.streaming, containers.clone())
-            .await
-            .with_context(|| {
-                format!(
-                    "starting the streaming server on {}",
-                    config.streaming.address
-                )
-            })?;
+    let streaming = carapace::streaming::StreamingServer::start(
+        &config.streaming,
+        containers.clone(),
+        sandboxes.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "starting the streaming server on {}",
+            config.streaming.address
+        )
+    })?;
     let service = CriService::new(sandboxes, containers).with_streaming(streaming);
     let handle = service.clone();
     let shutdown = async move {

@@ -83,7 +83,9 @@ impl From<SandboxError> for CriError {
             SandboxError::NotFound(_) => CriError::NotFound(message),
             SandboxError::InvalidArgument(_) => CriError::InvalidArgument(message),
             SandboxError::NameReserved { .. } => CriError::AlreadyExists(message),
-            SandboxError::NotReady { .. } => CriError::FailedPrecondition(message),
+            SandboxError::NotReady { .. } | SandboxError::AgentTooOld { .. } => {
+                CriError::FailedPrecondition(message)
+            }
             SandboxError::AgentNotReady { .. } | SandboxError::Vm(_) => {
                 CriError::Unavailable(message)
             }

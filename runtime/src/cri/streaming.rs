@@ -1,6 +1,5 @@
-//! Exec and Attach: validated here, then answered with a URL on the
-//! streaming server, where the stream itself is served. PortForward is not
-//! implemented yet.
+//! Exec, Attach and PortForward: validated here, then answered with a URL
+//! on the streaming server, where the stream itself is served.
 
 use k8s_cri::v1::{
     AttachRequest, AttachResponse, ExecRequest, ExecResponse, PortForwardRequest,
@@ -58,14 +57,23 @@ impl CriService {
         Ok(AttachResponse { url })
     }
 
-    /// Port-forward needs an agent RPC that carries a TCP connection over
-    /// vsock (not there yet): refused here rather than with a URL that
-    /// could only fail.
+    /// Port-forward: the pod must be ready and its agent serve port-forward
+    /// (each connection then goes over vsock to the agent, which connects to
+    /// the port inside the VM).
     pub(super) async fn port_forward(
         &self,
-        _request: PortForwardRequest,
+        request: PortForwardRequest,
     ) -> Result<PortForwardResponse, CriError> {
-        Err(CriError::Unimplemented("PortForward"))
+        if let Some(bad) = request.port.iter().find(|&&p| !(1..=65535).contains(&p)) {
+            return Err(CriError::InvalidArgument(format!(
+                "port {bad} is not a TCP port"
+            )));
+        }
+        self.sandboxes
+            .port_forward_socket(&request.pod_sandbox_id)
+            .await?;
+        let url = self.issue(StreamRequest::PortForward(request))?;
+        Ok(PortForwardResponse { url })
     }
 }
 

@@ -38,6 +38,13 @@ pub enum SandboxError {
     AgentNotReady { reason: String, console: String },
     #[error("pod sandbox {id} is not ready: {reason}")]
     NotReady { id: String, reason: String },
+    #[error("the agent of pod sandbox {id} speaks API revision {version}; {what} needs {needed} (a newer guest image)")]
+    AgentTooOld {
+        id: String,
+        what: &'static str,
+        version: u32,
+        needed: u32,
+    },
     #[error("pod network: {0}")]
     Network(#[from] crate::network::NetworkError),
     #[error("saving pod state: {0}")]
@@ -518,6 +525,36 @@ impl Sandboxes {
             })?;
         sandbox.agent = Some(agent.clone());
         Ok(agent)
+    }
+
+    /// The hybrid-vsock socket of the ready sandbox `id`, once its agent
+    /// said it serves port-forward (asked each time: the agent may have been
+    /// replaced by a VM restart with another guest image).
+    pub async fn port_forward_socket(&self, id: &str) -> Result<PathBuf, SandboxError> {
+        let sandbox = self
+            .get(id)
+            .ok_or_else(|| SandboxError::NotFound(id.to_owned()))?;
+        let mut sandbox = sandbox.lock().await;
+        let mut agent = self.agent(&mut sandbox).await?;
+        let health = agent.health().await.map_err(|e| SandboxError::NotReady {
+            id: id.to_owned(),
+            reason: format!("cannot reach the agent: {e}"),
+        })?;
+        let needed = carapace_agent_api::PORT_FORWARD_API_VERSION;
+        if health.api_version < needed {
+            return Err(SandboxError::AgentTooOld {
+                id: id.to_owned(),
+                what: "port-forward",
+                version: health.api_version,
+                needed,
+            });
+        }
+        Ok(sandbox
+            .record
+            .vm
+            .as_ref()
+            .map(|vm| vm.vsock_socket.clone())
+            .unwrap_or_default())
     }
 
     /// The directory holding this daemon's VM run directories.

@@ -3,12 +3,15 @@
 //! crictl then connects there and upgrades the HTTP request to WebSocket
 //! (or SPDY/3.1). See docs/streaming.md.
 
+pub mod port_forward;
 pub mod session;
 pub mod spdy;
+pub mod spdy_portforward;
 pub mod spdy_remotecommand;
 pub mod status;
 pub mod tokens;
 pub mod websocket;
+pub mod websocket_portforward;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,6 +31,7 @@ pub use tokens::TokenError;
 use crate::config::StreamingConfig;
 use crate::container::stream::ExecSpec;
 use crate::container::Containers;
+use crate::sandbox::{SandboxError, Sandboxes};
 use session::Target;
 
 /// What a token stands for.
@@ -53,6 +57,7 @@ pub struct StreamingServer {
     addr: SocketAddr,
     tokens: tokens::Tokens<StreamRequest>,
     containers: Arc<Containers>,
+    sandboxes: Arc<Sandboxes>,
     idle: Duration,
 }
 
@@ -63,12 +68,14 @@ impl StreamingServer {
     pub async fn start(
         config: &StreamingConfig,
         containers: Arc<Containers>,
+        sandboxes: Arc<Sandboxes>,
     ) -> std::io::Result<Arc<Self>> {
         let listener = TcpListener::bind(config.address).await?;
         let this = Arc::new(Self {
             addr: listener.local_addr()?,
             tokens: tokens::Tokens::new(Duration::from_secs(config.token_ttl_secs)),
             containers,
+            sandboxes,
             idle: Duration::from_secs(config.idle_timeout_secs),
         });
         tracing::info!("streaming server on http://{}", this.addr);
@@ -120,6 +127,9 @@ impl StreamingServer {
             Ok(r) => r,
             Err((status, why)) => return plain(status, why),
         };
+        if let StreamRequest::PortForward(pf) = request {
+            return self.port_forward(req, pf).await;
+        }
         let upgrade = header(&req, UPGRADE)
             .unwrap_or_default()
             .to_ascii_lowercase();
@@ -197,10 +207,7 @@ impl StreamingServer {
                 }
             }
             StreamRequest::PortForward(_) => {
-                return plain(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "port-forward is not implemented yet",
-                )
+                unreachable!("port-forward requests are served by port_forward")
             }
         };
         let upgrade = hyper::upgrade::on(&mut req);
@@ -255,6 +262,132 @@ impl StreamingServer {
                 );
             }
         }
+        response
+    }
+}
+
+impl StreamingServer {
+    /// A port-forward request: WebSocket (ports from the request) or SPDY
+    /// (ports named by each stream pair).
+    async fn port_forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        pf: PortForwardRequest,
+    ) -> Response<Body> {
+        let upgrade = header(&req, UPGRADE)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let mut response = Response::new(Body::default());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        enum PfWire {
+            WebSocket(websocket_portforward::Protocol, Vec<u16>),
+            Spdy,
+            Tunnel,
+        }
+        let wire = match upgrade.as_str() {
+            "websocket" => {
+                let Some(key) = header(&req, hyper::header::SEC_WEBSOCKET_KEY) else {
+                    return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+                };
+                let offered = header(&req, hyper::header::SEC_WEBSOCKET_PROTOCOL);
+                let tunnel = offered.as_deref().is_some_and(|o| {
+                    o.split(',')
+                        .any(|p| p.trim() == spdy_portforward::TUNNEL_PROTOCOL)
+                });
+                let (wire, name) = if tunnel {
+                    (PfWire::Tunnel, Some(spdy_portforward::TUNNEL_PROTOCOL))
+                } else {
+                    let Some((protocol, name)) =
+                        websocket_portforward::Protocol::negotiate(offered.as_deref())
+                    else {
+                        return plain(StatusCode::BAD_REQUEST, "no supported channel protocol");
+                    };
+                    let ports = match websocket_portforward::ports(&pf.port, req.uri().query()) {
+                        Ok(p) => p,
+                        Err(e) => return plain(StatusCode::BAD_REQUEST, &e),
+                    };
+                    (PfWire::WebSocket(protocol, ports), name)
+                };
+                headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                if let Ok(v) = HeaderValue::from_str(&accept) {
+                    headers.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
+                }
+                if let Some(name) = name {
+                    headers.insert(
+                        hyper::header::SEC_WEBSOCKET_PROTOCOL,
+                        HeaderValue::from_static(name),
+                    );
+                }
+                wire
+            }
+            "spdy/3.1" => {
+                let offered: Vec<String> = req
+                    .headers()
+                    .get_all("x-stream-protocol-version")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok().map(str::to_owned))
+                    .collect();
+                let Some(version) = spdy_portforward::negotiate(&offered) else {
+                    return plain(
+                        StatusCode::FORBIDDEN,
+                        "unable to upgrade: X-Stream-Protocol-Version portforward.k8s.io is required",
+                    );
+                };
+                headers.insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+                headers.insert(
+                    "x-stream-protocol-version",
+                    HeaderValue::from_static(version),
+                );
+                PfWire::Spdy
+            }
+            _ => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    "expected an upgrade to websocket or SPDY/3.1",
+                )
+            }
+        };
+        let socket = match self.sandboxes.port_forward_socket(&pf.pod_sandbox_id).await {
+            Ok(s) => s,
+            Err(e @ SandboxError::NotFound(_)) => {
+                return plain(StatusCode::NOT_FOUND, &e.to_string())
+            }
+            Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        };
+        let forwarder = port_forward::Forwarder {
+            pod: pf.pod_sandbox_id,
+            socket,
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        let idle = self.idle;
+        tokio::spawn(async move {
+            let upgraded = match upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!("upgrade: {e}");
+                    return;
+                }
+            };
+            let over = match &wire {
+                PfWire::WebSocket(..) => "WebSocket",
+                PfWire::Spdy => "SPDY",
+                PfWire::Tunnel => "SPDY in a WebSocket tunnel",
+            };
+            tracing::debug!(pod = %forwarder.pod, "port-forward session over {over}");
+            match wire {
+                PfWire::WebSocket(protocol, ports) => {
+                    websocket_portforward::serve(upgraded, protocol, ports, forwarder, idle).await
+                }
+                PfWire::Spdy => {
+                    spdy_portforward::serve(TokioIo::new(upgraded), forwarder, idle).await
+                }
+                PfWire::Tunnel => spdy_portforward::serve_tunneled(upgraded, forwarder, idle).await,
+            }
+        });
         response
     }
 }

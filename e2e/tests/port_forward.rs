@@ -1,0 +1,601 @@
+//! Port-forward into a pod VM as kubelet and kubectl use it: CRI
+//! PortForward, then the returned URL over WebSocket (a client library,
+//! not our server code), over SPDY/3.1 with a client built on our framing,
+//! and with the real `kubectl port-forward` through a fake API server. The
+//! pod runs busybox `nc` as a TCP server that greets with the pod's
+//! hostname and echoes until the client half-closes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use carapace::streaming::spdy::{Frame, HeaderEncoder, FLAG_FIN};
+use carapace_e2e::cri::{self, Cri};
+use carapace_e2e::daemon::{processes_mentioning, Daemon};
+use futures_util::{SinkExt, StreamExt};
+use k8s_cri::v1::{ExecSyncRequest, PortForwardRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Mutex};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::Code;
+
+const GREETING: &str = "pod:pf-0\n";
+
+/// The server: every connection gets the hostname, then `cat`. Busybox nc
+/// listens with a backlog of one per `-l`: with `-ll` (2) ten connections
+/// at once overflow its accept queue, and the guest's TCP then resets some
+/// of them (seen as "connection reset by peer" in the agent), so 16.
+const SERVER: &str = "printf '#!/bin/sh\\necho pod:$(hostname)\\nexec cat\\n' > /tmp/echo && \
+                      chmod +x /tmp/echo && exec nc -llllllllllllllll -p 8080 -e /tmp/echo";
+
+async fn url(cri: &mut Cri, pod: &str, ports: &[i32]) -> String {
+    cri.port_forward(PortForwardRequest {
+        pod_sandbox_id: pod.into(),
+        port: ports.to_vec(),
+    })
+    .await
+    .expect("PortForward")
+    .into_inner()
+    .url
+}
+
+/// Established TCP connections to port 8080 in the guest (both ends of
+/// each forwarded connection live there: the agent's and the server's).
+async fn guest_connections(cri: &mut Cri, container: &str) -> usize {
+    let out = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: container.into(),
+            cmd: vec!["netstat".into(), "-tn".into()],
+            timeout: 10,
+        })
+        .await
+        .expect("ExecSync netstat")
+        .into_inner();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(":8080 ") && l.contains("ESTABLISHED"))
+        .count()
+}
+
+/// Open file descriptors of the VM's processes (QEMU, vhost-device-vsock,
+/// virtiofsd): each host vsock connection holds one in the vsock backend.
+fn vm_fds(daemon: &Daemon) -> usize {
+    processes_mentioning(&daemon.run_dir())
+        .into_iter()
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+        .map(|d| d.count())
+        .sum()
+}
+
+/// Waits until the guest has no forwarded connection left and the VM's
+/// processes hold `baseline` descriptors again.
+async fn wait_released(cri: &mut Cri, container: &str, daemon: &Daemon, baseline: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let guest = guest_connections(cri, container).await;
+        let fds = vm_fds(daemon);
+        if guest == 0 && fds <= baseline {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not released: {guest} guest connections, {fds} VM fds (baseline {baseline})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn port_forward_over_websocket_spdy_and_kubectl() {
+    let daemon = Daemon::start_with_busybox().await;
+    let mut cri = daemon.runtime().await;
+    let logs = tempfile::tempdir().unwrap();
+    let pod_config = cri::pod_config("pf", logs.path());
+    let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
+    let server = cri::create_running(
+        &mut cri,
+        &pod,
+        cri::busybox("server", &["sh", "-c", SERVER], "server.log"),
+        &pod_config,
+    )
+    .await;
+    // nc listens once the shell got there.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = cri
+            .exec_sync(ExecSyncRequest {
+                container_id: server.clone(),
+                cmd: vec!["netstat".into(), "-tln".into()],
+                timeout: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if String::from_utf8_lossy(&out.stdout).contains(":8080 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nc never listened");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let baseline = vm_fds(&daemon);
+
+    // CRI argument errors.
+    let e = cri
+        .port_forward(PortForwardRequest {
+            pod_sandbox_id: "nope".into(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = cri
+        .port_forward(PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![70000],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    websocket(&mut cri, &pod, &server, &daemon, baseline).await;
+    spdy(&mut cri, &pod, &server, &daemon, baseline).await;
+    kubectl(&cri, &pod, logs.path()).await;
+    let log = daemon.log();
+    for over in ["WebSocket", "SPDY", "SPDY in a WebSocket tunnel"] {
+        assert!(
+            log.contains(&format!("port-forward session over {over} pod=")),
+            "no session over {over}"
+        );
+    }
+
+    cri::remove_pod(&mut cri, &pod).await;
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next message: its channel and data.
+async fn ws_next(ws: &mut Ws) -> (u8, Vec<u8>) {
+    let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .expect("no WebSocket message within 30 s")
+        .expect("the WebSocket ended")
+        .expect("WebSocket error");
+    match msg {
+        Message::Binary(b) => (b[0], b[1..].to_vec()),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn websocket(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, baseline: usize) {
+    let url = url(cri, pod, &[8080, 8081]).await;
+    let mut request = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "v4.channel.k8s.io".parse().unwrap(),
+    );
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers()["Sec-WebSocket-Protocol"],
+        "v4.channel.k8s.io"
+    );
+    let mut seen: HashMap<u8, Vec<u8>> = HashMap::new();
+    let mut firsts = Vec::new();
+    // Each channel first carries its port (little endian); then the greeting
+    // on 0 and the refusal on 3, in any order.
+    while !(String::from_utf8_lossy(seen.get(&0).map_or(&[][..], |v| v)).contains(GREETING)
+        && String::from_utf8_lossy(seen.get(&3).map_or(&[][..], |v| v)).contains("refused"))
+    {
+        let (channel, data) = ws_next(&mut ws).await;
+        if !firsts.contains(&channel) {
+            firsts.push(channel);
+            let port: u16 = if channel < 2 { 8080 } else { 8081 };
+            assert_eq!(data, port.to_le_bytes(), "channel {channel}");
+            continue;
+        }
+        seen.entry(channel).or_default().extend_from_slice(&data);
+    }
+    let error = String::from_utf8_lossy(&seen[&3]).into_owned();
+    assert!(
+        error.contains("error forwarding port 8081")
+            && error.contains("dial tcp 127.0.0.1:8081: connect: connection refused"),
+        "{error}"
+    );
+    assert!(seen.get(&1).is_none_or(|e| e.is_empty()), "{seen:?}");
+    // The refused port did not end the session: port 8080 still echoes.
+    assert!(guest_connections(cri, server).await >= 2);
+    ws.send(Message::binary(b"\x00over websocket\n".to_vec()))
+        .await
+        .unwrap();
+    let mut echo = Vec::new();
+    while !echo.ends_with(b"over websocket\n") {
+        let (channel, data) = ws_next(&mut ws).await;
+        assert_eq!(channel, 0, "{}", String::from_utf8_lossy(&data));
+        echo.extend_from_slice(&data);
+    }
+    // The client leaves: the connection is closed in the guest, the vsock
+    // connection on the host.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    wait_released(cri, server, daemon, baseline).await;
+}
+
+/// A SPDY/3.1 client for port-forward built on our framing (checked
+/// against the spec's layouts in the unit tests): each stream's data and
+/// whether it ended, by stream id.
+struct SpdyClient {
+    wr: Mutex<(HeaderEncoder, tokio::net::tcp::OwnedWriteHalf)>,
+    streams: Routes,
+    next_id: std::sync::atomic::AtomicU32,
+}
+
+/// A stream's incoming data; `None` once it ended (FIN or reset).
+type Incoming = mpsc::UnboundedReceiver<Option<Vec<u8>>>;
+
+/// Where the reader sends each stream's data.
+type Routes = Arc<std::sync::Mutex<HashMap<u32, mpsc::UnboundedSender<Option<Vec<u8>>>>>>;
+
+impl SpdyClient {
+    async fn connect(url: &str) -> Arc<Self> {
+        let rest = url.strip_prefix("http://").unwrap();
+        let (addr, path) = rest.split_at(rest.find('/').unwrap());
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+                 X-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "response ended");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(
+            head.contains("x-stream-protocol-version: portforward.k8s.io"),
+            "{head}"
+        );
+        let (mut rd, wr) = tcp.into_split();
+        let streams: Routes = Default::default();
+        let routes = streams.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                while let Some((frame, used)) = Frame::parse(&buf).unwrap() {
+                    buf.drain(..used);
+                    let routes = routes.lock().unwrap();
+                    match frame {
+                        Frame::Data {
+                            stream_id,
+                            flags,
+                            data,
+                        } => {
+                            if let Some(tx) = routes.get(&stream_id) {
+                                if !data.is_empty() {
+                                    let _ = tx.send(Some(data));
+                                }
+                                if flags & FLAG_FIN != 0 {
+                                    let _ = tx.send(None);
+                                }
+                            }
+                        }
+                        Frame::RstStream { stream_id, .. } => {
+                            if let Some(tx) = routes.get(&stream_id) {
+                                let _ = tx.send(None);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                match rd.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        Arc::new(Self {
+            wr: Mutex::new((HeaderEncoder::new(), wr)),
+            streams,
+            next_id: 1.into(),
+        })
+    }
+
+    async fn open(&self, headers: &[(&str, &str)]) -> (u32, Incoming) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut wr = self.wr.lock().await;
+        let id = self
+            .next_id
+            .fetch_add(2, std::sync::atomic::Ordering::SeqCst);
+        self.streams.lock().unwrap().insert(id, tx);
+        let block = wr.0.encode(headers).unwrap();
+        let frame = Frame::SynStream {
+            stream_id: id,
+            associated: 0,
+            priority: 0,
+            flags: 0,
+            block,
+        };
+        wr.1.write_all(&frame.encode()).await.unwrap();
+        (id, rx)
+    }
+
+    async fn send(&self, stream_id: u32, data: &[u8], fin: bool) {
+        let frame = Frame::Data {
+            stream_id,
+            flags: if fin { FLAG_FIN } else { 0 },
+            data: data.to_vec(),
+        };
+        self.wr
+            .lock()
+            .await
+            .1
+            .write_all(&frame.encode())
+            .await
+            .unwrap();
+    }
+
+    /// A forwarded connection to `port`: (data stream id, data, error).
+    async fn forward(&self, port: u16, request: usize) -> (u32, Incoming, Incoming) {
+        let port = port.to_string();
+        let request = request.to_string();
+        let (error_id, error) = self
+            .open(&[
+                ("streamType", "error"),
+                ("port", &port),
+                ("requestID", &request),
+            ])
+            .await;
+        // The client sends nothing on the error stream.
+        self.send(error_id, b"", true).await;
+        let (data_id, data) = self
+            .open(&[
+                ("streamType", "data"),
+                ("port", &port),
+                ("requestID", &request),
+            ])
+            .await;
+        (data_id, data, error)
+    }
+}
+
+/// Everything a stream carries until it ends.
+async fn read_to_end(rx: &mut Incoming) -> Vec<u8> {
+    let mut all = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(Some(d))) => all.extend_from_slice(&d),
+            Ok(Some(None)) | Ok(None) => return all,
+            Err(_) => panic!("stream did not end: {}", String::from_utf8_lossy(&all)),
+        }
+    }
+}
+
+async fn spdy(cri: &mut Cri, pod: &str, server: &str, daemon: &Daemon, baseline: usize) {
+    let url = url(cri, pod, &[]).await;
+    let client = SpdyClient::connect(&url).await;
+
+    // A connection that stays open through the others.
+    let (long_id, mut long_data, _long_error) = client.forward(8080, 100).await;
+    let mut got = Vec::new();
+    while !got.ends_with(GREETING.as_bytes()) {
+        got.extend(long_data.recv().await.unwrap().expect("greeting"));
+    }
+
+    // A refused port: the error on its error stream, both streams end.
+    let (_, mut refused_data, mut refused_error) = client.forward(8081, 101).await;
+    let error = String::from_utf8(read_to_end(&mut refused_error).await).unwrap();
+    assert!(
+        error.contains("error forwarding port 8081")
+            && error.contains("dial tcp 127.0.0.1:8081: connect: connection refused"),
+        "{error}"
+    );
+    assert!(read_to_end(&mut refused_data).await.is_empty());
+
+    // Ten at once, each with its own 200 KiB, echoed after the half-close.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..10u8 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (id, mut data, mut error) = client.forward(8080, usize::from(i)).await;
+            let payload: Vec<u8> = (0..200 * 1024)
+                .map(|n| b'a' + ((n + usize::from(i)) % 26) as u8)
+                .collect();
+            for piece in payload.chunks(16 * 1024) {
+                client.send(id, piece, false).await;
+            }
+            client.send(id, b"", true).await;
+            let got = read_to_end(&mut data).await;
+            let error = String::from_utf8_lossy(&read_to_end(&mut error).await).into_owned();
+            assert!(error.is_empty(), "connection {i}: {error}");
+            assert!(
+                got.starts_with(GREETING.as_bytes()),
+                "connection {i}: {:?}",
+                String::from_utf8_lossy(&got[..got.len().min(100)])
+            );
+            assert!(
+                got[GREETING.len()..] == payload[..],
+                "connection {i}: echo differs"
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "10 concurrent port-forward connections, 2 x 200 KiB each: {took:?} ({:.1} MiB/s)",
+        (10.0 * 2.0 * 200.0 / 1024.0) / took.as_secs_f64()
+    );
+
+    // The long one still works, and is open in the guest.
+    assert!(guest_connections(cri, server).await >= 2);
+    client.send(long_id, b"still here\n", false).await;
+    let mut got = Vec::new();
+    while !got.ends_with(b"still here\n") {
+        got.extend(long_data.recv().await.unwrap().expect("echo"));
+    }
+    // The client goes away without closing anything: all is released.
+    drop(client);
+    wait_released(cri, server, daemon, baseline).await;
+}
+
+/// The real kubectl (client-go's SPDY port-forward, Go's zlib) through a
+/// fake API server that hands its request to the URL of a CRI PortForward,
+/// as kubelet's proxy does.
+async fn kubectl(cri: &Cri, pod: &str, dir: &std::path::Path) {
+    // SPDY, and SPDY tunnelled in a WebSocket (kubectl's default).
+    for websockets in ["false", "true"] {
+        kubectl_with(cri, pod, dir, websockets).await;
+    }
+}
+
+async fn kubectl_with(cri: &Cri, pod: &str, dir: &std::path::Path, websockets: &'static str) {
+    let api = fake_apiserver(cri.clone(), pod.to_owned()).await;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{api}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    namespace: default\n\
+             current-context: c\nusers: []\n"
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new("kubectl")
+        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["port-forward", "--address", "127.0.0.1", "pod/pf", ":8080"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running kubectl (scripts/setup.sh installs it)");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = Vec::new();
+    let local = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let mut b = [0u8; 256];
+            let n = stdout.read(&mut b).await.unwrap();
+            assert!(n > 0, "kubectl ended: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&b[..n]);
+            let text = String::from_utf8_lossy(&out);
+            if let Some(rest) = text.split("Forwarding from 127.0.0.1:").nth(1) {
+                if let Some((port, _)) = rest.split_once(" ->") {
+                    return port.parse::<u16>().unwrap();
+                }
+            }
+        }
+    })
+    .await
+    .expect("kubectl did not start forwarding");
+    // Three connections at once through kubectl.
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        tasks.push(tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+            let line = format!("kubectl connection {i}\n");
+            tcp.write_all(line.as_bytes()).await.unwrap();
+            tcp.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(60), tcp.read_to_end(&mut got))
+                .await
+                .expect("kubectl connection did not end")
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                format!("{GREETING}{line}"),
+                "websockets={websockets}"
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    child.kill().await.unwrap();
+}
+
+/// An API server that knows the running pod `pf` and hands its
+/// port-forward requests to the streaming server.
+async fn fake_apiserver(cri: Cri, pod: String) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut cri = cri.clone();
+            let pod = pod.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                let (line, rest) = head.split_once("\r\n").unwrap();
+                let mut parts = line.split(' ');
+                let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
+                let (path, _query) = target.split_once('?').unwrap_or((target, ""));
+                if path == "/api/v1/namespaces/default/pods/pf/portforward" {
+                    let url = url(&mut cri, &pod, &[]).await;
+                    let rest_url = url.strip_prefix("http://").unwrap();
+                    let (up_addr, up_path) = rest_url.split_at(rest_url.find('/').unwrap());
+                    let mut up = TcpStream::connect(up_addr).await.unwrap();
+                    up.write_all(format!("{method} {up_path} HTTP/1.1\r\n{rest}").as_bytes())
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+                    return;
+                }
+                let (status, body) = match path {
+                    "/api/v1/namespaces/default/pods/pf" => (
+                        "200 OK",
+                        r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"pf","namespace":"default"},"spec":{"containers":[{"name":"server","image":"busybox"}]},"status":{"phase":"Running"}}"#,
+                    ),
+                    "/api" => (
+                        "200 OK",
+                        r#"{"kind":"APIVersions","versions":["v1"],"serverAddressByClientCIDRs":[]}"#,
+                    ),
+                    "/apis" => (
+                        "200 OK",
+                        r#"{"kind":"APIGroupList","apiVersion":"v1","groups":[]}"#,
+                    ),
+                    "/api/v1" => (
+                        "200 OK",
+                        r#"{"kind":"APIResourceList","groupVersion":"v1","resources":[{"name":"pods","singularName":"pod","namespaced":true,"kind":"Pod","verbs":["get","list"],"shortNames":["po"]},{"name":"pods/portforward","singularName":"","namespaced":true,"kind":"PodPortForwardOptions","verbs":["create","get"]}]}"#,
+                    ),
+                    _ => (
+                        "404 Not Found",
+                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#,
+                    ),
+                };
+                let _ = tcp
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
