@@ -187,9 +187,7 @@ impl Net {
             };
             let Some(chain) = queue.pop_descriptor_chain(&mem) else {
                 // Backpressure: keep the frame, leave the rest in the tap's queue.
-                if self.tap.armed {
-                    self.metrics.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
-                }
+                self.metrics.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
                 self.tap.disarm();
                 break;
             };

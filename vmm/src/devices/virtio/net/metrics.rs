@@ -14,7 +14,7 @@ pub struct NetMetrics {
     /// Frames from the tap dropped because the guest's receive buffer was too small, or
     /// the frame was shorter than a vnet header.
     pub rx_dropped: AtomicU64,
-    /// Times the tap was left unread because the guest had no receive buffer.
+    /// Times a frame had to wait (and the tap was left unread) for lack of a receive buffer.
     pub rx_no_buffers: AtomicU64,
     /// Frames taken from the guest's transmit queue and written to the tap.
     pub tx_packets: AtomicU64,
