@@ -11,6 +11,11 @@ const GUEST_MAC: &str = "02:ca:fe:00:00:02";
 
 /// The guest: configures eth0, pings the node, downloads and uploads a file, then waits for
 /// the node's connection and resets the VM.
+///
+/// busybox `nc` exits as soon as the socket reaches EOF, even with input left to send, and
+/// half-closes on EOF of its input; so the side of a transfer that only receives reads its
+/// input from a fifo it holds open itself (`<>`), never sees EOF there, and never cuts the
+/// sender short.
 const NET_GUEST_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -24,13 +29,14 @@ ip link set lo up
 ip addr add 10.0.2.2/24 dev eth0
 ip link set eth0 up
 if ping -c 3 -W 10 10.0.2.1 >/dev/null 2>&1; then echo "@@guest_ping ok"; else echo "@@guest_ping failed"; fi
-nc 10.0.2.1 5000 </dev/null >/tmp/down
+mkfifo /tmp/hold
+nc 10.0.2.1 5000 <>/tmp/hold >/tmp/down
 echo "@@guest_down $(md5sum </tmp/down | cut -d' ' -f1) $(wc -c </tmp/down)"
 dd if=/dev/urandom of=/tmp/up bs=64k count=32 2>/dev/null
 echo "@@guest_up $(md5sum </tmp/up | cut -d' ' -f1) $(wc -c </tmp/up)"
 nc 10.0.2.1 5001 </tmp/up >/dev/null
 echo "@@guest_listening"
-nc -l -p 6000 </dev/null >/tmp/msg
+nc -l -p 6000 <>/tmp/hold >/tmp/msg
 echo "@@guest_msg $(cat /tmp/msg)"
 reboot -f
 "#;
@@ -47,7 +53,8 @@ ip link set tap0 up
 dd if=/dev/urandom of=/tmp/down bs=64k count=32 2>/dev/null
 echo "@@node_down $(md5sum </tmp/down | cut -d' ' -f1) $(wc -c </tmp/down)"
 nc -l -p 5000 </tmp/down >/dev/null &
-nc -l -p 5001 </dev/null >/tmp/up &
+mkfifo /tmp/hold
+nc -l -p 5001 <>/tmp/hold >/tmp/up &
 UP=$!
 mkdir -p /run/vm
 cat > /tmp/vm.json <<EOF
@@ -62,7 +69,7 @@ timeout 400 carapace-vmm --config /tmp/vm.json &
 VMM=$!
 i=0
 while ! grep -q '@@guest_listening' /run/vm/console.log 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
-wait $UP
+kill $UP 2>/dev/null; wait $UP
 echo "@@node_up $(md5sum </tmp/up | cut -d' ' -f1) $(wc -c </tmp/up)"
 if ping -c 3 -W 10 10.0.2.2 >/dev/null 2>&1; then echo "@@node_ping ok"; else echo "@@node_ping failed"; fi
 node_probe api /run/vm/api.sock '{{"action":"metrics"}}'
