@@ -34,10 +34,6 @@ pub const MAX_TX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 /// Largest receive chain we accept (the guest's "big packets" buffers are about 68 KiB);
 /// nothing is allocated from it, it only rejects absurd chains.
 pub const MAX_RX_CHAIN_LEN: u64 = 1 << 20;
-/// Smallest MTU we accept (IPv4's minimum).
-pub const MIN_MTU: u16 = 68;
-/// Largest MTU we accept (jumbo frames).
-pub const MAX_MTU: u16 = 9000;
 
 /// Feature bits (virtio 1.2 §5.1.3).
 pub mod features {
@@ -67,8 +63,6 @@ pub mod features {
 
 /// `VIRTIO_NET_S_LINK_UP` in the config space's `status`.
 pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM` and `VIRTIO_NET_HDR_F_DATA_VALID`: header `flags` bits.
-pub const VNET_HDR_F_MASK: u8 = 0x3;
 
 /// Errors creating the device.
 #[derive(Debug, thiserror::Error)]
