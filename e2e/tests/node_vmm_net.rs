@@ -129,6 +129,7 @@ echo "@@tap_after_exit $(ls /sys/class/net | grep -c tap0)"
         .unwrap_or_else(|| panic!("no net device in the metrics: {metrics}"));
     out.check(net["activated"] == true, "the net device is activated");
     let c = &net["counters"];
+    eprintln!("net device counters after the transfers: {c}");
     for (key, at_least) in [
         // With TSO a frame carries up to 64 KiB, so 2 MiB can be as few as 32 frames.
         ("rx_packets", 32),
