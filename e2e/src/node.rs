@@ -36,12 +36,13 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 const NODE_UP: &str = "@@node-up";
 const NODE_DONE: &str = "@@node-done";
 
-/// The node kernel and the three modules that give it `/dev/kvm`, in load order.
+/// The node kernel, the three modules that give it `/dev/kvm` (in load order), and `tun.ko`
+/// (the cloud kernel has `CONFIG_TUN=m`; the net tests need `/dev/net/tun`).
 #[derive(Debug, Clone)]
 pub struct NodeKernel {
     /// The compressed kernel (`vmlinuz-*-cloud-amd64`).
     pub vmlinuz: PathBuf,
-    /// `irqbypass.ko`, `kvm.ko`, `kvm-amd.ko`.
+    /// `irqbypass.ko`, `kvm.ko`, `kvm-amd.ko`, `tun.ko`.
     pub modules: Vec<PathBuf>,
 }
 
@@ -91,6 +92,7 @@ impl NodeKernel {
             "virt/lib/irqbypass.ko",
             "arch/x86/kvm/kvm.ko",
             "arch/x86/kvm/kvm-amd.ko",
+            "drivers/net/tun.ko",
         ] {
             let path = kernel.join(rel);
             if !path.is_file() {
@@ -249,7 +251,7 @@ pub struct NodeImage {
     smp: u8,
 }
 
-/// The node's `/init`: modules, `/dev/kvm`, then the test's script, then power-off.
+/// The node's `/init`: modules (kvm, tun), `/dev/kvm`, then the test's script, then power-off.
 const NODE_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -258,6 +260,7 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
 insmod /lib/modules/1-irqbypass.ko && insmod /lib/modules/2-kvm.ko && insmod /lib/modules/3-kvm-amd.ko
+insmod /lib/modules/4-tun.ko
 if [ -c /dev/kvm ]; then
     echo "@@node-up $(cut -d' ' -f1 /proc/uptime)"
     cd /tmp

@@ -15,6 +15,7 @@ use crate::config::{SerialOutput, ValidatedConfig};
 use crate::devices::legacy::{EventFdTrigger, Serial, SerialError, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{IrqLine, MmioTransport, VirtioDevice};
 use crate::devices::{Bus, BusError};
@@ -50,6 +51,15 @@ pub enum BuildError {
     /// A block device.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A network interface.
+    #[error("network interface {tap}: {source}")]
+    Net {
+        /// The tap's name.
+        tap: String,
+        /// Why.
+        #[source]
+        source: NetError,
+    },
     /// Device address ranges.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -197,6 +207,17 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
     }
     for drive in &cfg.drives {
         let dev = Block::new(&drive.path, drive.read_only)?;
+        let (slot, entry) = attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(dev))?;
+        slots.push(slot);
+        cmdline_extra.push(entry);
+    }
+    for net in &cfg.net {
+        // Validated: the MAC parses.
+        let mac = net.mac_bytes().unwrap_or_default();
+        let dev = Net::new(&net.tap, mac, net.mtu).map_err(|source| BuildError::Net {
+            tap: net.tap.clone(),
+            source,
+        })?;
         let (slot, entry) = attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(dev))?;
         slots.push(slot);
         cmdline_extra.push(entry);

@@ -94,6 +94,61 @@ pub struct DriveConfig {
 /// Most disks a VM may have.
 pub const MAX_DRIVES: usize = 16;
 
+/// A virtio-net interface backed by a tap device (attached by name; `TUNSETIFF` creates it
+/// if it does not exist).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap interface's name (in the VMM's network namespace).
+    pub tap: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx` (unicast).
+    pub mac: String,
+    /// The MTU offered to the guest (`VIRTIO_NET_F_MTU`, 68 to 65535); none: the guest's
+    /// default (1500).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+impl NetConfig {
+    /// The MAC as bytes (`None` if it does not parse).
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        parse_mac(&self.mac)
+    }
+}
+
+/// Most network interfaces a VM may have.
+pub const MAX_NETS: usize = 4;
+/// Smallest MTU we offer a guest (IPv4's minimum). Any `u16` above it works: a frame of
+/// MTU 65535 plus an Ethernet header with a VLAN tag is the device's largest frame.
+pub const MIN_NET_MTU: u16 = 68;
+
+/// JSON paths of the per-interface fields, so errors name `net[i].field`.
+const NET_FIELDS: [[&str; 3]; MAX_NETS] = [
+    ["net[0].tap", "net[0].mac", "net[0].mtu"],
+    ["net[1].tap", "net[1].mac", "net[1].mtu"],
+    ["net[2].tap", "net[2].mac", "net[2].mtu"],
+    ["net[3].tap", "net[3].mac", "net[3].mtu"],
+];
+
+/// Parses `xx:xx:xx:xx:xx:xx` (hex, either case).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Whether `name` is a valid Linux interface name (1 to 15 bytes, no '/', ':', whitespace).
+fn valid_ifname(name: &str) -> bool {
+    crate::devices::virtio::net::tap::valid_ifname(name)
+}
+
 /// The whole VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +174,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in order (`/dev/vda`, `/dev/vdb`, ... in a Linux guest).
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    /// virtio-net interfaces backed by taps, in order (`eth0`, `eth1`, ... in the guest).
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
     /// Optional control API socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
@@ -212,11 +270,43 @@ impl VmConfig {
                 }
             }
         }
+        check_nets(&self.net)?;
         if let Some(api) = &self.api_socket {
             check_socket_path("api_socket", api, 107)?;
         }
         Ok(ValidatedConfig(self))
     }
+}
+
+fn check_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
+    if nets.len() > MAX_NETS {
+        return Err(invalid("net", format!("at most {MAX_NETS} interfaces")));
+    }
+    for (i, (net, [tap, mac, mtu])) in nets.iter().zip(NET_FIELDS).enumerate() {
+        if !valid_ifname(&net.tap) {
+            return Err(invalid(
+                tap,
+                "must be an interface name of 1 to 15 bytes without '/', ':' or whitespace",
+            ));
+        }
+        if nets[..i].iter().any(|n| n.tap == net.tap) {
+            return Err(invalid(tap, format!("{} is used twice", net.tap)));
+        }
+        match net.mac_bytes() {
+            None => return Err(invalid(mac, "must be six hex bytes like 02:00:00:00:00:01")),
+            Some(m) if m[0] & 1 != 0 || m == [0; 6] => {
+                return Err(invalid(mac, "must be a unicast, non-zero address"))
+            }
+            Some(m) if nets[..i].iter().any(|n| n.mac_bytes() == Some(m)) => {
+                return Err(invalid(mac, format!("{} is used twice", net.mac)))
+            }
+            Some(_) => {}
+        }
+        if net.mtu.is_some_and(|v| v < MIN_NET_MTU) {
+            return Err(invalid(mtu, format!("must be {MIN_NET_MTU} to 65535")));
+        }
+    }
+    Ok(())
 }
 
 fn check_regular_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -360,6 +450,49 @@ mod tests {
             MAX_DRIVES + 1
         ];
         assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "drives");
+        let net = |tap: &str, mac: &str, mtu: Option<u16>| NetConfig {
+            tap: tap.into(),
+            mac: mac.into(),
+            mtu,
+        };
+        let good = net("tap0", "02:00:00:00:00:01", Some(1500));
+        for (nets, field) in [
+            (vec![net("", "02:00:00:00:00:01", None)], "net[0].tap"),
+            (vec![net("a/b", "02:00:00:00:00:01", None)], "net[0].tap"),
+            (
+                vec![net(&"t".repeat(16), "02:00:00:00:00:01", None)],
+                "net[0].tap",
+            ),
+            (vec![net("tap0", "02:00:00:00:00", None)], "net[0].mac"),
+            (vec![net("tap0", "02:00:00:00:00:0g", None)], "net[0].mac"),
+            (vec![net("tap0", "2:0:0:0:0:1", None)], "net[0].mac"),
+            (
+                vec![net("tap0", "02:00:00:00:00:01:02", None)],
+                "net[0].mac",
+            ),
+            (vec![net("tap0", "03:00:00:00:00:01", None)], "net[0].mac"),
+            (vec![net("tap0", "00:00:00:00:00:00", None)], "net[0].mac"),
+            (
+                vec![net("tap0", "02:00:00:00:00:01", Some(67))],
+                "net[0].mtu",
+            ),
+            (
+                vec![good.clone(), net("tap0", "02:00:00:00:00:02", None)],
+                "net[1].tap",
+            ),
+            (
+                vec![good.clone(), net("tap1", "02:00:00:00:00:01", None)],
+                "net[1].mac",
+            ),
+            (vec![good.clone(); MAX_NETS + 1], "net"),
+        ] {
+            cfg = ok.clone();
+            cfg.net = nets;
+            assert_eq!(field_of(cfg.clone().validate().unwrap_err()), field);
+        }
+        cfg = ok.clone();
+        cfg.net = vec![good, net("tap1", "02:AB:cd:00:00:02", Some(9001))];
+        cfg.clone().validate().unwrap();
         cfg = ok.clone();
         cfg.api_socket = Some(k.path().to_path_buf());
         assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "api_socket");
@@ -374,6 +507,8 @@ mod tests {
                 "serial": {{"file": "{d}/console.log"}},
                 "vsock": {{"guest_cid": 3, "uds_path": "{d}/v.sock"}},
                 "drives": [{{"path": "{k}", "read_only": true}}],
+                "net": [{{"tap": "tap0", "mac": "02:00:00:00:00:01", "mtu": 1500}},
+                        {{"tap": "tap1", "mac": "02:00:00:00:00:02"}}],
                 "api_socket": "{d}/api.sock"}}"#,
             k = k.path().display(),
             d = dir.path().display()
@@ -385,6 +520,8 @@ mod tests {
             SerialOutput::File(dir.path().join("console.log"))
         );
         assert_eq!(cfg.vsock.as_ref().unwrap().guest_cid, 3);
+        assert_eq!(cfg.net[0].mac_bytes(), Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!((cfg.net[0].mtu, cfg.net[1].mtu), (Some(1500), None));
         let again: VmConfig = serde_json::from_str(&serde_json::to_string(cfg).unwrap()).unwrap();
         assert_eq!(&again, cfg);
     }
