@@ -14,6 +14,7 @@ use crate::arch::x86_64::{boot, gdt, layout, mptable};
 use crate::config::{SerialOutput, ValidatedConfig};
 use crate::devices::legacy::{EventFdTrigger, Serial, SerialError, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{IrqLine, MmioTransport, VirtioDevice};
@@ -50,6 +51,15 @@ pub enum BuildError {
     /// A block device.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A virtio-fs device (its vhost-user backend).
+    #[error("virtio-fs `{tag}`: {source}")]
+    Fs {
+        /// The device's tag.
+        tag: String,
+        /// Why.
+        #[source]
+        source: FsError,
+    },
     /// Device address ranges.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -197,6 +207,15 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
     }
     for drive in &cfg.drives {
         let dev = Block::new(&drive.path, drive.read_only)?;
+        let (slot, entry) = attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(dev))?;
+        slots.push(slot);
+        cmdline_extra.push(entry);
+    }
+    for fs in &cfg.fs {
+        let dev = Fs::new(fs).map_err(|source| BuildError::Fs {
+            tag: fs.tag.clone(),
+            source,
+        })?;
         let (slot, entry) = attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(dev))?;
         slots.push(slot);
         cmdline_extra.push(entry);
