@@ -353,7 +353,6 @@ pub(super) fn memory_regions(
             userspace_addr: host as u64,
             mmap_offset: fo.start(),
             mmap_handle: fo.file().as_raw_fd(),
-            ..Default::default()
         });
     }
     Ok(regions)
