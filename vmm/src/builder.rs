@@ -14,6 +14,7 @@ use crate::arch::x86_64::{boot, gdt, layout, mptable};
 use crate::config::{SerialOutput, ValidatedConfig};
 use crate::devices::legacy::{EventFdTrigger, Serial, SerialError, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
@@ -59,6 +60,15 @@ pub enum BuildError {
         /// Why.
         #[source]
         source: NetError,
+    },
+    /// A virtio-fs device (its vhost-user backend).
+    #[error("virtio-fs `{tag}`: {source}")]
+    Fs {
+        /// The device's tag.
+        tag: String,
+        /// Why.
+        #[source]
+        source: FsError,
     },
     /// Device address ranges.
     #[error(transparent)]
@@ -216,6 +226,15 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
         let mac = net.mac_bytes().unwrap_or_default();
         let dev = Net::new(&net.tap, mac, net.mtu).map_err(|source| BuildError::Net {
             tap: net.tap.clone(),
+            source,
+        })?;
+        let (slot, entry) = attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(dev))?;
+        slots.push(slot);
+        cmdline_extra.push(entry);
+    }
+    for fs in &cfg.fs {
+        let dev = Fs::new(fs).map_err(|source| BuildError::Fs {
+            tag: fs.tag.clone(),
             source,
         })?;
         let (slot, entry) = attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(dev))?;

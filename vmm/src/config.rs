@@ -149,6 +149,39 @@ fn valid_ifname(name: &str) -> bool {
     crate::devices::virtio::net::tap::valid_ifname(name)
 }
 
+/// A virtio-fs device whose backend is a vhost-user daemon (virtiofsd) already listening.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The mount tag the guest uses (`mount -t virtiofs <tag> /mnt`), 1 to 36 bytes.
+    pub tag: String,
+    /// The backend's vhost-user socket (it must be listening when the VMM starts).
+    pub socket: PathBuf,
+    /// Request queues (besides the high-priority queue).
+    #[serde(default = "default_fs_request_queues")]
+    pub num_request_queues: u16,
+    /// Size of each queue (a power of two).
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+}
+
+fn default_fs_request_queues() -> u16 {
+    1
+}
+
+fn default_fs_queue_size() -> u16 {
+    FS_DEFAULT_QUEUE_SIZE
+}
+
+/// Most virtio-fs devices a VM may have.
+pub const MAX_FS_DEVICES: usize = 4;
+/// Longest virtio-fs tag (the size of `tag` in `struct virtio_fs_config`).
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// Most request queues per virtio-fs device.
+pub const MAX_FS_REQUEST_QUEUES: u16 = 8;
+/// Default (and largest) virtio-fs queue size.
+pub const FS_DEFAULT_QUEUE_SIZE: u16 = 1024;
+
 /// The whole VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,6 +210,9 @@ pub struct VmConfig {
     /// virtio-net interfaces backed by taps, in order (`eth0`, `eth1`, ... in the guest).
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// virtio-fs devices (vhost-user frontends to virtiofsd).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// Optional control API socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
@@ -271,6 +307,7 @@ impl VmConfig {
             }
         }
         check_nets(&self.net)?;
+        check_fs(&self.fs)?;
         if let Some(api) = &self.api_socket {
             check_socket_path("api_socket", api, 107)?;
         }
@@ -304,6 +341,63 @@ fn check_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
         }
         if net.mtu.is_some_and(|v| v < MIN_NET_MTU) {
             return Err(invalid(mtu, format!("must be {MIN_NET_MTU} to 65535")));
+        }
+    }
+    Ok(())
+}
+
+fn check_fs(devices: &[FsConfig]) -> Result<(), ConfigError> {
+    if devices.len() > MAX_FS_DEVICES {
+        return Err(invalid(
+            "fs",
+            format!("at most {MAX_FS_DEVICES} virtio-fs devices"),
+        ));
+    }
+    for (i, fs) in devices.iter().enumerate() {
+        if fs.tag.is_empty() || fs.tag.len() > MAX_FS_TAG_LEN {
+            return Err(invalid(
+                "fs.tag",
+                format!("must be 1 to {MAX_FS_TAG_LEN} bytes long"),
+            ));
+        }
+        if fs.tag.contains('\0') {
+            return Err(invalid("fs.tag", "must not contain NUL"));
+        }
+        if devices[..i].iter().any(|other| other.tag == fs.tag) {
+            return Err(invalid("fs.tag", format!("{:?} is used twice", fs.tag)));
+        }
+        if !(1..=MAX_FS_REQUEST_QUEUES).contains(&fs.num_request_queues) {
+            return Err(invalid(
+                "fs.num_request_queues",
+                format!("must be 1 to {MAX_FS_REQUEST_QUEUES}"),
+            ));
+        }
+        if !fs.queue_size.is_power_of_two()
+            || !(16..=FS_DEFAULT_QUEUE_SIZE).contains(&fs.queue_size)
+        {
+            return Err(invalid(
+                "fs.queue_size",
+                format!("must be a power of two from 16 to {FS_DEFAULT_QUEUE_SIZE}"),
+            ));
+        }
+        let len = fs.socket.as_os_str().len();
+        if len == 0 || len > 107 {
+            return Err(invalid("fs.socket", "path must be 1 to 107 bytes long"));
+        }
+        match std::fs::metadata(&fs.socket) {
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {}
+            Ok(_) => {
+                return Err(invalid(
+                    "fs.socket",
+                    format!("{} is not a socket", fs.socket.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(invalid(
+                    "fs.socket",
+                    format!("{}: {e}", fs.socket.display()),
+                ))
+            }
         }
     }
     Ok(())
@@ -496,6 +590,65 @@ mod tests {
         cfg = ok.clone();
         cfg.api_socket = Some(k.path().to_path_buf());
         assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "api_socket");
+    }
+
+    #[test]
+    fn fs_devices_are_checked_field_by_field() {
+        let k = kernel_file();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("virtiofsd.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let json = format!(
+            r#"{{"vcpus": 1, "mem_size_mib": 128, "kernel": "{}",
+                "fs": [{{"tag": "shared", "socket": "{}"}}]}}"#,
+            k.path().display(),
+            sock.display()
+        );
+        let ok = VmConfig::from_json(&json).unwrap();
+        let fs = &ok.fs[0];
+        assert_eq!((fs.num_request_queues, fs.queue_size), (1, 1024));
+        ok.clone().validate().unwrap();
+
+        let with = |f: &dyn Fn(&mut FsConfig)| {
+            let mut cfg = ok.clone();
+            f(&mut cfg.fs[0]);
+            field_of(cfg.validate().unwrap_err())
+        };
+        assert_eq!(with(&|fs| fs.tag = String::new()), "fs.tag");
+        assert_eq!(with(&|fs| fs.tag = "t".repeat(37)), "fs.tag");
+        assert_eq!(with(&|fs| fs.tag = "a\0b".into()), "fs.tag");
+        assert_eq!(
+            with(&|fs| fs.num_request_queues = 0),
+            "fs.num_request_queues"
+        );
+        assert_eq!(
+            with(&|fs| fs.num_request_queues = 9),
+            "fs.num_request_queues"
+        );
+        assert_eq!(with(&|fs| fs.queue_size = 1000), "fs.queue_size");
+        assert_eq!(with(&|fs| fs.queue_size = 2048), "fs.queue_size");
+        assert_eq!(with(&|fs| fs.queue_size = 8), "fs.queue_size");
+        assert_eq!(with(&|fs| fs.socket = dir.path().join("none")), "fs.socket");
+        assert_eq!(with(&|fs| fs.socket = k.path().to_path_buf()), "fs.socket");
+        // A 36-byte tag and the largest queue counts are fine.
+        let mut cfg = ok.clone();
+        cfg.fs[0].tag = "t".repeat(36);
+        cfg.fs[0].num_request_queues = MAX_FS_REQUEST_QUEUES;
+        cfg.clone().validate().unwrap();
+        // Tags are unique; the device count is bounded.
+        cfg.fs.push(cfg.fs[0].clone());
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "fs.tag");
+        cfg.fs = (0..=MAX_FS_DEVICES)
+            .map(|i| FsConfig {
+                tag: format!("t{i}"),
+                ..ok.fs[0].clone()
+            })
+            .collect();
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "fs");
+        let err = VmConfig::from_json(&json.replace("\"tag\"", "\"mount_tag\": 1, \"tag\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `mount_tag`"), "{err}");
     }
 
     #[test]

@@ -220,8 +220,11 @@ impl Vmm {
         for (i, slot) in self.slots.iter().enumerate() {
             let t = slot.transport.lock().unwrap_or_else(|e| e.into_inner());
             let base = TOKEN_DEVICE_BASE + i as u64 * TOKENS_PER_DEVICE;
-            for (q, evt) in t.queue_evts().iter().enumerate() {
-                Self::epoll_add(&epoll, evt.as_raw_fd(), base + q as u64)?;
+            // A vhost-user backend reads its kicks itself; reading them here would steal them.
+            if !t.notifications_external() {
+                for (q, evt) in t.queue_evts().iter().enumerate() {
+                    Self::epoll_add(&epoll, evt.as_raw_fd(), base + q as u64)?;
+                }
             }
             if let Some(fd) = t.device().backend_fd() {
                 Self::epoll_add(&epoll, fd, base + BACKEND)?;

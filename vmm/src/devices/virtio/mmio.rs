@@ -31,6 +31,8 @@ pub struct MmioTransport {
     irq: Arc<IrqLine>,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
+    /// The device's backend reads `queue_evts` itself (vhost-user).
+    external_notify: bool,
     device_status: u32,
     features_select: u32,
     acked_features_select: u32,
@@ -54,7 +56,7 @@ impl MmioTransport {
     /// Wraps `device`; `irq` is its interrupt line.
     pub fn new(
         mem: GuestMemoryMmap,
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         irq: Arc<IrqLine>,
     ) -> std::io::Result<Self> {
         let sizes = device.queue_max_sizes().to_vec();
@@ -66,12 +68,14 @@ impl MmioTransport {
             })?);
             queue_evts.push(EventFd::new(libc::EFD_NONBLOCK)?);
         }
+        let external_notify = device.take_queue_evts(&queue_evts);
         Ok(Self {
             device,
             mem,
             irq,
             queues,
             queue_evts,
+            external_notify,
             device_status: 0,
             features_select: 0,
             acked_features_select: 0,
@@ -85,6 +89,12 @@ impl MmioTransport {
     /// The per-queue notification eventfds.
     pub fn queue_evts(&self) -> &[EventFd] {
         &self.queue_evts
+    }
+
+    /// Whether the event loop must leave [`Self::queue_evts`] alone because the device's
+    /// backend reads them (see [`VirtioDevice::take_queue_evts`]).
+    pub fn notifications_external(&self) -> bool {
+        self.external_notify
     }
 
     /// The device.
@@ -228,6 +238,7 @@ impl MmioTransport {
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             0x60 => self.irq.status(),
+            0x70 if self.device.needs_reset() => self.device_status | status::DEVICE_NEEDS_RESET,
             0x70 => self.device_status,
             0xfc => self.config_generation,
             _ => {

@@ -4,6 +4,7 @@
 //! trait, never on KVM: unit tests and fuzz targets drive it with queues in plain memory.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod queue;
@@ -143,4 +144,16 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self);
     /// The device's counters.
     fn metrics_json(&self) -> serde_json::Value;
+    /// Offered once, before the VM runs, the queue notification eventfds (the KVM
+    /// ioeventfds). A device whose external backend consumes the notifications itself
+    /// (vhost-user) keeps clones and returns true: the event loop then never reads them,
+    /// since a read there would steal the backend's kick.
+    fn take_queue_evts(&mut self, _evts: &[EventFd]) -> bool {
+        false
+    }
+    /// The device hit an error it cannot recover from without a driver reset (shown as
+    /// `DEVICE_NEEDS_RESET` in the status register).
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }
