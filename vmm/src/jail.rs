@@ -11,10 +11,11 @@
 //! 3. The child builds the VM with host paths: `/dev/kvm`, kernel, initrd, drives, console,
 //!    tap, vhost-user sockets are opened or connected now; the API and vsock sockets are
 //!    bound at paths relative to the root (see `ValidatedConfig::with_jail_paths`).
-//! 4. [`enter`] (child): `pivot_root(".", ".")`, the old root detached, bounding and ambient
-//!    capabilities dropped, supplementary groups cleared, `setresgid`/`setresuid` to the
-//!    jail's ids (which clears every capability), no_new_privs, parent-death signal. It
-//!    then tells the supervisor it is jailed.
+//! 4. [`enter`] (child): `pivot_root(".", ".")`, the old root detached (on an initramfs
+//!    root, which cannot be pivoted, the jail mount is moved over `/` and chrooted instead),
+//!    bounding and ambient capabilities dropped, supplementary groups cleared,
+//!    `setresgid`/`setresuid` to the jail's ids (which clears every capability),
+//!    no_new_privs, parent-death signal. It then tells the supervisor it is jailed.
 //! 5. [`supervise`] (parent): waits for that, then chroots into the same directory, drops to
 //!    the same ids, installs its own small seccomp filter, forwards SIGTERM/SIGINT to the
 //!    VMM and exits with its status (128 + signal if it was killed).
@@ -140,9 +141,20 @@ pub fn prepare_mounts(jail: &JailConfig) -> Result<(), JailError> {
 /// In the VMM, after the VM is built (step 4): `pivot_root` into the working directory set
 /// by [`prepare_mounts`], drop every privilege, and tell the supervisor.
 pub fn enter(jail: &JailConfig, ready: std::io::PipeWriter) -> Result<(), JailError> {
-    pivot_root(".", ".").map_err(sys("pivot_root into the jail"))?;
-    // The old root is now stacked on top of the new one: detach it.
-    umount2(".", MntFlags::MNT_DETACH).map_err(sys("detach the old root"))?;
+    match pivot_root(".", ".") {
+        // The old root is now stacked on top of the new one: detach it.
+        Ok(()) => umount2(".", MntFlags::MNT_DETACH).map_err(sys("detach the old root"))?,
+        // The current root is the initramfs (rootfs), which cannot be pivoted away (a node
+        // booted without switch_root, like our test node): move the jail mount over it and
+        // chroot, as switch_root and runc's no-pivot mode do. Without capabilities the
+        // chroot cannot be left.
+        Err(nix::Error::EINVAL) => {
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(sys("move the jail root over the initramfs"))?;
+            chroot(".").map_err(sys("chroot into the jail"))?;
+        }
+        Err(e) => return Err(sys("pivot_root into the jail")(e)),
+    }
     chdir("/").map_err(sys("chdir to the new root"))?;
     drop_privileges(jail)?;
     // SAFETY: prctl with integer arguments; the parent-death signal must be set after the
