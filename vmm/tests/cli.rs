@@ -116,6 +116,8 @@ fn control_api_and_sigterm() {
     let cfg = write_config(dir.path(), &config_json(dir.path(), &kernel, &extra));
     let mut child = vmm_cmd(&cfg).spawn().unwrap();
     wait_for(&api);
+    // The metrics below count the payload's one `out`: let it happen first.
+    wait_for_console(dir.path(), b"H");
 
     let status = call(&api, r#"{"action": "status"}"#).unwrap();
     assert_eq!(status["state"], "running");
@@ -159,6 +161,15 @@ fn api_shutdown_stops_the_vm() {
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert!(status.success());
     assert!(!api.exists());
+}
+
+/// Waits until `dir/console.log` holds `want`.
+fn wait_for_console(dir: &Path, want: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read(dir.join("console.log")).unwrap_or_default() != want {
+        assert!(Instant::now() < deadline, "the guest never wrote {want:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The `Seccomp:` mode of every thread of `pid` (2 = filter).
@@ -207,8 +218,10 @@ fn every_thread_is_filtered_unless_seccomp_is_off() {
         }
         let mut child = cmd.spawn().unwrap();
         wait_for(&api);
-        // Once the API answers, the event loop runs: every thread has installed its filter.
+        // Once the API answers, the event loop runs (it installed its filter before serving);
+        // once the guest wrote, the vCPU thread did too (it installs before KVM_RUN).
         assert_eq!(call(&api, r#"{"action": "status"}"#).unwrap()["ok"], true);
+        wait_for_console(dir.path(), b"H");
         let modes = seccomp_modes(child.id());
         let want = if no_seccomp { "0" } else { "2" };
         let names: Vec<&str> = modes.iter().map(|(n, _)| n.as_str()).collect();
@@ -295,11 +308,7 @@ fn jailed_vmm_is_an_unprivileged_pid_1_in_its_root_and_stops_on_sigterm() {
         call(&api, r#"{"action": "status"}"#).unwrap()["state"],
         "running"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read(dir.path().join("console.log")).unwrap_or_default() != b"H" {
-        assert!(Instant::now() < deadline, "the jailed guest never wrote");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_console(dir.path(), b"H");
 
     let vmm = only_child(supervisor.id());
     let ids = |pid: u32| {
@@ -329,6 +338,11 @@ fn jailed_vmm_is_an_unprivileged_pid_1_in_its_root_and_stops_on_sigterm() {
         "2".to_string(),
     );
     assert_eq!(ids(vmm), want, "the jailed VMM");
+    // The supervisor confines itself once the VMM is jailed, concurrently with the above.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ids(supervisor.id()) != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(ids(supervisor.id()), want, "the supervisor");
     // PID 1 of its own pid namespace, in its own mount namespace.
     let nspid = status_field(&proc_status(vmm), "NSpid").unwrap();
