@@ -91,6 +91,23 @@ pub struct DriveConfig {
     pub read_only: bool,
 }
 
+/// The jail: the VMM confines itself before the guest runs (own mount and pid namespaces,
+/// `pivot_root` into `root`, unprivileged `uid`/`gid` without capabilities, no_new_privs).
+/// Everything is opened before entering it, so kernel, initrd, drives and the console may
+/// live anywhere; the sockets used at run time (`api_socket`, `vsock.uds_path` and the
+/// `<uds_path>_<port>` listeners) must be inside `root`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {
+    /// The VM's directory (absolute, existing); becomes `/` of the VMM. The VMM chowns it
+    /// (not recursively) to `uid`:`gid` so that it can remove its sockets at exit.
+    pub root: PathBuf,
+    /// User the VMM runs as (not 0).
+    pub uid: u32,
+    /// Group the VMM runs as (not 0); supplementary groups are dropped.
+    pub gid: u32,
+}
+
 /// Most disks a VM may have.
 pub const MAX_DRIVES: usize = 16;
 
@@ -216,10 +233,20 @@ pub struct VmConfig {
     /// Optional control API socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// Install the per-thread seccomp filters (default on; off only to debug).
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+    /// Optional jail: namespaces, pivot_root into `root`, unprivileged uid/gid.
+    #[serde(default)]
+    pub jail: Option<JailConfig>,
 }
 
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A configuration that passed [`VmConfig::validate`]; the builder only accepts this.
@@ -231,6 +258,71 @@ impl ValidatedConfig {
     pub fn get(&self) -> &VmConfig {
         &self.0
     }
+
+    /// Turns off the seccomp filters (the `--no-seccomp` debugging switch).
+    pub fn without_seccomp(mut self) -> Self {
+        self.0.seccomp = false;
+        self
+    }
+
+    /// The configuration as a jailed VMM uses it: the paths opened before entering the jail
+    /// made absolute, the run-time socket paths made relative to `jail.root`. The jailed
+    /// process builds the VM with its working directory at the root and keeps it there
+    /// through `pivot_root`, so a relative path names the same file before and after.
+    /// Without a jail the configuration is returned unchanged.
+    pub fn with_jail_paths(&self) -> Result<Self, ConfigError> {
+        let mut c = self.0.clone();
+        let Some(jail) = c.jail.clone() else {
+            return Ok(self.clone());
+        };
+        let abs = |field: &'static str, p: &Path| {
+            std::path::absolute(p).map_err(|e| invalid(field, format!("{}: {e}", p.display())))
+        };
+        c.kernel = abs("kernel", &c.kernel)?;
+        if let Some(initrd) = &c.initrd {
+            c.initrd = Some(abs("initrd", initrd)?);
+        }
+        if let SerialOutput::File(path) = &c.serial {
+            c.serial = SerialOutput::File(abs("serial.file", path)?);
+        }
+        for drive in &mut c.drives {
+            drive.path = abs("drives.path", &drive.path)?;
+        }
+        if let Some(vsock) = &mut c.vsock {
+            vsock.uds_path = path_in_jail("vsock.uds_path", &jail.root, &vsock.uds_path)?;
+        }
+        if let Some(api) = &c.api_socket {
+            c.api_socket = Some(path_in_jail("api_socket", &jail.root, api)?);
+        }
+        Ok(Self(c))
+    }
+}
+
+/// `path` relative to the jail root (which must contain it).
+fn path_in_jail(field: &'static str, root: &Path, path: &Path) -> Result<PathBuf, ConfigError> {
+    let outside = || {
+        invalid(
+            field,
+            format!(
+                "{} must be inside jail.root ({}) when the jail is on",
+                path.display(),
+                root.display()
+            ),
+        )
+    };
+    let name = path.file_name().ok_or_else(outside)?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent = parent
+        .canonicalize()
+        .map_err(|e| invalid(field, format!("{}: {e}", parent.display())))?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| invalid("jail.root", format!("{}: {e}", root.display())))?;
+    let rel = parent.strip_prefix(&root).map_err(|_| outside())?;
+    Ok(rel.join(name))
 }
 
 impl VmConfig {
@@ -310,6 +402,32 @@ impl VmConfig {
         check_fs(&self.fs)?;
         if let Some(api) = &self.api_socket {
             check_socket_path("api_socket", api, 107)?;
+        }
+        if let Some(jail) = &self.jail {
+            if !jail.root.is_absolute() || !jail.root.is_dir() {
+                return Err(invalid(
+                    "jail.root",
+                    format!(
+                        "{} is not an absolute path to a directory",
+                        jail.root.display()
+                    ),
+                ));
+            }
+            if jail.root.canonicalize().ok().as_deref() == Some(Path::new("/")) {
+                return Err(invalid("jail.root", "must not be /"));
+            }
+            if jail.uid == 0 {
+                return Err(invalid("jail.uid", "must not be 0 (root)"));
+            }
+            if jail.gid == 0 {
+                return Err(invalid("jail.gid", "must not be 0 (root)"));
+            }
+            if let Some(vsock) = &self.vsock {
+                path_in_jail("vsock.uds_path", &jail.root, &vsock.uds_path)?;
+            }
+            if let Some(api) = &self.api_socket {
+                path_in_jail("api_socket", &jail.root, api)?;
+            }
         }
         Ok(ValidatedConfig(self))
     }
@@ -472,6 +590,8 @@ mod tests {
         assert_eq!(cfg.get().cmdline, DEFAULT_CMDLINE);
         assert_eq!(cfg.get().serial, SerialOutput::Stdout);
         assert!(cfg.get().vsock.is_none());
+        assert!(cfg.get().seccomp, "seccomp is on by default");
+        assert!(cfg.get().jail.is_none());
     }
 
     #[test]
@@ -652,6 +772,61 @@ mod tests {
     }
 
     #[test]
+    fn jail_fields_are_checked_and_sockets_must_be_inside_the_root() {
+        let k = kernel_file();
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let mut cfg = VmConfig::from_json(&base(k.path())).unwrap();
+        let jail = JailConfig {
+            root: root.path().to_path_buf(),
+            uid: 10000,
+            gid: 10000,
+        };
+        cfg.jail = Some(jail.clone());
+        cfg.api_socket = Some(root.path().join("api.sock"));
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: root.path().join("v.sock"),
+        });
+        let ok = cfg.clone();
+        let valid = cfg.clone().validate().unwrap().with_jail_paths().unwrap();
+        assert_eq!(
+            valid.get().api_socket.as_deref(),
+            Some(Path::new("api.sock"))
+        );
+        assert_eq!(
+            valid.get().vsock.as_ref().unwrap().uds_path,
+            PathBuf::from("v.sock")
+        );
+        assert_eq!(valid.get().kernel, k.path());
+
+        cfg.jail.as_mut().unwrap().root = PathBuf::from("relative/dir");
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "jail.root");
+        cfg.jail.as_mut().unwrap().root = PathBuf::from("/");
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "jail.root");
+        cfg = ok.clone();
+        cfg.jail.as_mut().unwrap().uid = 0;
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "jail.uid");
+        cfg = ok.clone();
+        cfg.jail.as_mut().unwrap().gid = 0;
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "jail.gid");
+        cfg = ok.clone();
+        cfg.api_socket = Some(elsewhere.path().join("api.sock"));
+        assert_eq!(field_of(cfg.clone().validate().unwrap_err()), "api_socket");
+        cfg = ok.clone();
+        cfg.vsock.as_mut().unwrap().uds_path = elsewhere.path().join("v.sock");
+        assert_eq!(
+            field_of(cfg.clone().validate().unwrap_err()),
+            "vsock.uds_path"
+        );
+        // Without a jail nothing changes.
+        cfg = ok;
+        cfg.jail = None;
+        let plain = cfg.clone().validate().unwrap().with_jail_paths().unwrap();
+        assert_eq!(plain.get(), &cfg);
+    }
+
+    #[test]
     fn full_config_round_trips() {
         let k = kernel_file();
         let dir = tempfile::tempdir().unwrap();
@@ -662,7 +837,8 @@ mod tests {
                 "drives": [{{"path": "{k}", "read_only": true}}],
                 "net": [{{"tap": "tap0", "mac": "02:00:00:00:00:01", "mtu": 1500}},
                         {{"tap": "tap1", "mac": "02:00:00:00:00:02"}}],
-                "api_socket": "{d}/api.sock"}}"#,
+                "api_socket": "{d}/api.sock", "seccomp": false,
+                "jail": {{"root": "{d}", "uid": 10000, "gid": 10001}}}}"#,
             k = k.path().display(),
             d = dir.path().display()
         );
@@ -675,6 +851,8 @@ mod tests {
         assert_eq!(cfg.vsock.as_ref().unwrap().guest_cid, 3);
         assert_eq!(cfg.net[0].mac_bytes(), Some([2, 0, 0, 0, 0, 1]));
         assert_eq!((cfg.net[0].mtu, cfg.net[1].mtu), (Some(1500), None));
+        assert!(!cfg.seccomp);
+        assert_eq!(cfg.jail.as_ref().unwrap().gid, 10001);
         let again: VmConfig = serde_json::from_str(&serde_json::to_string(cfg).unwrap()).unwrap();
         assert_eq!(&again, cfg);
     }

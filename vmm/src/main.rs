@@ -1,12 +1,16 @@
 //! `carapace-vmm --config <file.json>`: runs one microVM until the guest resets or shuts
-//! down, the control API says `shutdown`, or SIGTERM/SIGINT arrive.
+//! down, the control API says `shutdown`, or SIGTERM/SIGINT arrive. With `"jail"` in the
+//! configuration the process forks: the child, PID 1 of a new pid namespace, is jailed and
+//! runs the VM; this process supervises it (forwards signals, exits with its status).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use carapace_vmm::builder::build_vm;
-use carapace_vmm::config::VmConfig;
+use carapace_vmm::config::{JailConfig, ValidatedConfig, VmConfig};
+use carapace_vmm::jail::{self, Role};
+use carapace_vmm::seccomp::{self, ThreadKind};
 use carapace_vmm::vstate::vcpu::ExitReason;
 use clap::Parser;
 
@@ -19,11 +23,14 @@ struct Args {
     /// JSON VM configuration.
     #[arg(long)]
     config: PathBuf,
+    /// Do not install the seccomp filters (debugging only; same as `"seccomp": false`).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
-/// Blocks SIGTERM and SIGINT in this thread (and so in every thread spawned after), and
-/// returns the signal set for `sigwait`.
-fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
+/// Blocks SIGTERM and SIGINT (and SIGCHLD for the jail's supervisor) in this thread, and so
+/// in every thread and child made after, and returns the signal set for `sigwait`.
+fn block_stop_signals(with_sigchld: bool) -> anyhow::Result<libc::sigset_t> {
     // SAFETY: an all-zero sigset_t is a valid value that sigemptyset then initialises.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid, exclusively borrowed sigset_t; return values are checked.
@@ -31,24 +38,50 @@ fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        if with_sigchld {
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     anyhow::ensure!(rc == 0, "cannot block SIGTERM/SIGINT");
     Ok(set)
 }
 
-fn run(args: Args) -> anyhow::Result<ExitReason> {
-    let config = VmConfig::from_file(&args.config)?.validate()?;
+/// Builds and runs the VM; with a jail, enters it between building and running.
+fn run_vm(
+    config: ValidatedConfig,
+    signals: libc::sigset_t,
+    jail: Option<(&JailConfig, std::io::PipeWriter)>,
+) -> anyhow::Result<ExitReason> {
     let api_socket = config.get().api_socket.clone();
-    let signals = block_stop_signals()?;
+    let seccomp_on = config.get().seccomp;
     let mut vmm = build_vm(&config).context("cannot build the VM")?;
     if let Some(path) = api_socket {
         vmm.enable_api(&path)?;
     }
+    if let Some((jail, ready)) = jail {
+        jail::enter(jail, ready).context("cannot enter the jail")?;
+    }
     let stop = vmm.stop_handle()?;
+    let filter = if seccomp_on {
+        Some(seccomp::filter(ThreadKind::Signals)?)
+    } else {
+        None
+    };
+    let (installed_tx, installed) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            if let Some(filter) = filter {
+                let result = seccomp::apply(ThreadKind::Signals, &filter);
+                let failed = result.is_err();
+                let _ = installed_tx.send(result);
+                if failed {
+                    return;
+                }
+            } else {
+                let _ = installed_tx.send(Ok(()));
+            }
             let mut sig = 0;
             // SAFETY: `signals` is an initialised set and `sig` a valid out-pointer.
             if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
@@ -57,8 +90,49 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
             }
         })
         .context("cannot spawn the signal thread")?;
+    installed
+        .recv()
+        .context("the signal thread died")?
+        .context("signal thread")?;
     tracing::info!(cmdline = vmm.cmdline(), "starting the VM");
     Ok(vmm.run()?)
+}
+
+fn exit_code(reason: ExitReason) -> ExitCode {
+    match reason {
+        ExitReason::Error(e) => {
+            eprintln!("carapace-vmm: the VM failed: {e}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut config = VmConfig::from_file(&args.config)?.validate()?;
+    if args.no_seccomp {
+        config = config.without_seccomp();
+    }
+    let Some(jail_cfg) = config.get().jail.clone() else {
+        let signals = block_stop_signals(false)?;
+        return Ok(exit_code(run_vm(config, signals, None)?));
+    };
+    let config = config.with_jail_paths()?;
+    let signals = block_stop_signals(true)?;
+    match jail::fork_into_pid_namespace()? {
+        Role::Supervisor { child, ready } => {
+            let code = jail::supervise(child, ready, &jail_cfg, config.get().seccomp, &signals)?;
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        Role::Vmm { ready } => {
+            jail::prepare_mounts(&jail_cfg).context("cannot prepare the jail")?;
+            Ok(exit_code(run_vm(
+                config,
+                signals,
+                Some((&jail_cfg, ready)),
+            )?))
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -70,11 +144,7 @@ fn main() -> ExitCode {
         )
         .init();
     match run(Args::parse()) {
-        Ok(ExitReason::Error(e)) => {
-            eprintln!("carapace-vmm: the VM failed: {e}");
-            ExitCode::FAILURE
-        }
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("carapace-vmm: {e:#}");
             ExitCode::FAILURE

@@ -17,6 +17,7 @@ use crate::api::{ApiRequest, ApiServer};
 use crate::config::VmConfig;
 use crate::devices::legacy::Serial;
 use crate::devices::virtio::MmioTransport;
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vstate::vcpu::{
     pause_all, resume_all, stop_all, ExitReason, RunControl, Vcpu, VcpuError, VcpuHandle,
     VcpuMetrics,
@@ -32,6 +33,9 @@ pub enum VmmError {
     /// The event loop's epoll failed.
     #[error("event loop: {0}")]
     Epoll(#[source] std::io::Error),
+    /// A seccomp filter cannot be prepared or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The control API socket cannot be created.
     #[error("cannot create the API socket {path}: {source}")]
     Api {
@@ -185,11 +189,18 @@ impl Vmm {
         Ok(())
     }
 
-    /// Starts every vCPU thread.
+    /// Starts every vCPU thread (each installs the vCPU seccomp filter on itself first,
+    /// unless `seccomp` is off in the configuration).
     pub fn start(&mut self) -> Result<(), VmmError> {
         self.started = Some(Instant::now());
+        let filter = if self.config.seccomp {
+            Some(Arc::new(seccomp::filter(ThreadKind::Vcpu)?))
+        } else {
+            None
+        };
         for vcpu in self.pending.drain(..) {
-            self.handles.push(vcpu.start(self.control.clone())?);
+            self.handles
+                .push(vcpu.start(self.control.clone(), filter.clone())?);
         }
         Ok(())
     }
@@ -206,6 +217,11 @@ impl Vmm {
 
     /// Runs the event loop until the guest resets or shuts down, a vCPU fails, or a stop
     /// is requested; then stops the vCPUs and returns why.
+    ///
+    /// Unless `seccomp` is off in the configuration, the calling thread installs the
+    /// event-loop filter on itself before serving anything, for good: afterwards it may only
+    /// tear the VM down and exit (the binary's main thread), so tests call this on a thread
+    /// of its own.
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
         if self.started.is_none() {
             self.start()?;
@@ -229,6 +245,9 @@ impl Vmm {
             if let Some(fd) = t.device().backend_fd() {
                 Self::epoll_add(&epoll, fd, base + BACKEND)?;
             }
+        }
+        if self.config.seccomp {
+            seccomp::install(ThreadKind::Vmm)?;
         }
 
         let mut events = vec![EpollEvent::default(); 64];

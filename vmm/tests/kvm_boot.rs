@@ -12,6 +12,7 @@ use carapace_vmm::config::VmConfig;
 use carapace_vmm::vmm::Vmm;
 use carapace_vmm::vstate::vcpu::ExitReason;
 use common::*;
+use serde_json::Value;
 
 fn build(dir: &std::path::Path, code: &[u8], extra: &str) -> Vmm {
     require_kvm();
@@ -23,8 +24,13 @@ fn build(dir: &std::path::Path, code: &[u8], extra: &str) -> Vmm {
     build_vm(&cfg).expect("build the VM")
 }
 
-/// Runs `vmm`, stopping it after `limit` so that a broken payload fails instead of hanging.
-fn run_with_limit(vmm: &mut Vmm, limit: Duration) -> ExitReason {
+/// Runs `vmm` on a thread of its own, as the binary's main thread does: `run` confines the
+/// calling thread with the event-loop seccomp filter (and each vCPU thread with its own), and
+/// the teardown (`drop`) happens under that filter too, so these tests prove the allow-lists
+/// complete for their paths. A watchdog on the test thread stops the VM after `limit`, so a
+/// broken payload fails instead of hanging. Returns why it stopped, how long `run` took, and
+/// the metrics taken just before the teardown.
+fn run_confined(mut vmm: Vmm, limit: Duration) -> (ExitReason, Duration, Value) {
     let stop = vmm.stop_handle().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
@@ -32,10 +38,19 @@ fn run_with_limit(vmm: &mut Vmm, limit: Duration) -> ExitReason {
             stop.stop();
         }
     });
-    let reason = vmm.run().unwrap();
+    let result = std::thread::spawn(move || {
+        let start = Instant::now();
+        let reason = vmm.run().unwrap();
+        let took = start.elapsed();
+        let metrics = vmm.metrics();
+        drop(vmm);
+        (reason, took, metrics)
+    })
+    .join()
+    .expect("the event-loop thread panicked");
     let _ = tx.send(());
     watchdog.join().unwrap();
-    reason
+    result
 }
 
 fn console(dir: &std::path::Path) -> Vec<u8> {
@@ -49,15 +64,14 @@ fn payload_reads_e820_cmdline_and_mmio_where_linux_looks() {
         r#", "vsock": {{"guest_cid": 3, "uds_path": "{}"}}"#,
         dir.path().join("v.sock").display()
     );
-    let mut vmm = build(dir.path(), ZERO_PAGE_REPORTER, &vsock);
+    let vmm = build(dir.path(), ZERO_PAGE_REPORTER, &vsock);
     let expected_cmdline = vmm.cmdline().to_string();
     assert_eq!(
         expected_cmdline,
         "console=ttyS0 carapace.test=1 virtio_mmio.device=4K@0xd0000000:5"
     );
-    let reason = run_with_limit(&mut vmm, Duration::from_secs(10));
+    let (reason, _, _) = run_confined(vmm, Duration::from_secs(10));
     assert_eq!(reason, ExitReason::Reset);
-    drop(vmm);
 
     let out = console(dir.path());
     let mut at = 0;
@@ -101,11 +115,9 @@ fn payload_reads_e820_cmdline_and_mmio_where_linux_looks() {
 #[test]
 fn serial_output_reaches_the_console_file() {
     let dir = tempfile::tempdir().unwrap();
-    let mut vmm = build(dir.path(), HELLO, "");
-    let reason = run_with_limit(&mut vmm, Duration::from_secs(10));
+    let vmm = build(dir.path(), HELLO, "");
+    let (reason, _, metrics) = run_confined(vmm, Duration::from_secs(10));
     assert_eq!(reason, ExitReason::Reset);
-    let metrics = vmm.metrics();
-    drop(vmm);
     assert_eq!(console(dir.path()), b"Hello from the guest\n");
     assert_eq!(metrics["serial"]["tx_bytes"], 21);
     assert!(metrics["vcpus"][0]["io_out"].as_u64().unwrap() >= 22);
@@ -114,28 +126,19 @@ fn serial_output_reaches_the_console_file() {
 #[test]
 fn halted_guest_is_stopped_cleanly_on_request() {
     let dir = tempfile::tempdir().unwrap();
-    let mut vmm = build(dir.path(), HALT_FOREVER, "");
-    let stop = vmm.stop_handle().unwrap();
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        stop.stop();
-    });
-    let start = Instant::now();
-    let reason = vmm.run().unwrap();
-    t.join().unwrap();
+    let vmm = build(dir.path(), HALT_FOREVER, "");
+    let (reason, took, _) = run_confined(vmm, Duration::from_millis(300));
     // With the in-kernel irqchip a halted vCPU sleeps in KVM; the stop request kicks it.
     assert_eq!(reason, ExitReason::Stopped);
-    assert!(start.elapsed() < Duration::from_secs(5));
-    drop(vmm);
+    assert!(took < Duration::from_secs(5));
     assert_eq!(console(dir.path()), b"H");
 }
 
 #[test]
 fn triple_fault_ends_the_vm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut vmm = build(dir.path(), TRIPLE_FAULT, "");
-    let reason = run_with_limit(&mut vmm, Duration::from_secs(10));
-    drop(vmm);
+    let vmm = build(dir.path(), TRIPLE_FAULT, "");
+    let (reason, _, _) = run_confined(vmm, Duration::from_secs(10));
     assert_eq!(console(dir.path()), b"T");
     assert_eq!(reason, ExitReason::Shutdown);
 }
@@ -147,16 +150,10 @@ fn several_vcpus_start_and_stop() {
     let kernel = write_kernel(dir.path(), HALT_FOREVER);
     let json = config_json(dir.path(), &kernel, "").replace("\"vcpus\": 1", "\"vcpus\": 4");
     let cfg = VmConfig::from_json(&json).unwrap().validate().unwrap();
-    let mut vmm = build_vm(&cfg).unwrap();
-    let stop = vmm.stop_handle().unwrap();
-    let t = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        stop.stop();
-    });
-    assert_eq!(vmm.run().unwrap(), ExitReason::Stopped);
-    t.join().unwrap();
-    assert_eq!(vmm.vcpu_metrics().len(), 4);
-    drop(vmm);
+    let vmm = build_vm(&cfg).unwrap();
+    let (reason, _, metrics) = run_confined(vmm, Duration::from_millis(300));
+    assert_eq!(reason, ExitReason::Stopped);
+    assert_eq!(metrics["vcpus"].as_array().unwrap().len(), 4);
     // Only the boot processor runs: with the in-kernel LAPIC the others wait for
     // INIT/SIPI exactly as on real hardware (Linux starts them that way), and being parked
     // in KVM does not keep them from stopping.

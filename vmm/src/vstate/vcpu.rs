@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::{cpuid, regs};
 use crate::devices::Bus;
+use crate::seccomp::{self, ThreadKind};
 use crate::vstate::vm::Vm;
 
 /// Errors creating or running vCPUs.
@@ -194,13 +196,29 @@ impl Vcpu {
         self.metrics.clone()
     }
 
-    /// Starts the run loop on its own thread.
-    pub fn start(self, control: Arc<RunControl>) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the run loop on its own thread; with a `filter` (the vCPU seccomp filter) the
+    /// thread installs it on itself before its first `KVM_RUN`.
+    pub fn start(
+        self,
+        control: Arc<RunControl>,
+        filter: Option<Arc<BpfProgram>>,
+    ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run(control))
+            .spawn(move || {
+                if let Some(filter) = filter {
+                    if let Err(e) = seccomp::apply(ThreadKind::Vcpu, &filter) {
+                        control.request_exit(ExitReason::Error(e.to_string()));
+                        let mut st = control.lock();
+                        st.exited += 1;
+                        control.cv.notify_all();
+                        return;
+                    }
+                }
+                self.run(control)
+            })
             .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle { id, thread })
     }
