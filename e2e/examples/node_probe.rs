@@ -11,7 +11,10 @@
 //! node_probe boot <vsock.sock> <timeout_ms> <program> [args...]
 //!     spawns the monitor, times spawn -> first Health answer, reads the monitor's resident
 //!     memory (anonymous + file; guest RAM is shared memory and counted apart), then stops
-//!     it with SIGTERM
+//!     it with SIGTERM. Like the runtime, it first waits for the agent's readiness
+//!     announcement on `<vsock.sock>_1025` and only then connects: vhost-device-vsock (the
+//!     QEMU side's backend) stops answering host connections that arrive while the guest's
+//!     vsock driver is still starting (docs/design.md, record 8)
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +24,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use carapace::agent_client::AgentClient;
+use carapace::agent_ready::ReadyListener;
 
 fn usage() -> ExitCode {
     eprintln!("usage: node_probe health <uds> <timeout_ms> | api <socket> <json> | boot <uds> <timeout_ms> <program> [args...]");
@@ -141,6 +145,15 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 /// Spawns the monitor, times it to the agent's first answer, measures it, stops it.
 fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
+    let rt = runtime();
+    // Bound before the monitor starts, so the announcement cannot be missed.
+    let listener = match rt.block_on(async { ReadyListener::bind(uds) }) {
+        Ok(l) => l,
+        Err(e) => {
+            result("boot", format!("error {e}"));
+            return false;
+        }
+    };
     let start = Instant::now();
     let mut child = match Command::new(program).args(args).spawn() {
         Ok(c) => c,
@@ -149,7 +162,19 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
             return false;
         }
     };
-    let ready = runtime().block_on(AgentClient::wait_ready(uds, timeout));
+    let running = std::cell::RefCell::new(&mut child);
+    let ready = rt.block_on(async {
+        listener
+            .wait(timeout, || {
+                matches!(running.borrow_mut().try_wait(), Ok(None))
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let left = timeout.saturating_sub(start.elapsed());
+        AgentClient::wait_ready(uds, left)
+            .await
+            .map_err(|e| e.to_string())
+    });
     let elapsed = start.elapsed();
     let pid = child.id();
     let ok = match ready {

@@ -44,6 +44,8 @@ pub struct NodeKernel {
     pub vmlinuz: PathBuf,
     /// `irqbypass.ko`, `kvm.ko`, `kvm-amd.ko`, `tun.ko`.
     pub modules: Vec<PathBuf>,
+    /// `lib/modules/<version>/kernel` of the package: other modules a test loads itself.
+    pub module_dir: PathBuf,
 }
 
 impl NodeKernel {
@@ -100,7 +102,23 @@ impl NodeKernel {
             }
             modules.push(path);
         }
-        Ok(NodeKernel { vmlinuz, modules })
+        Ok(NodeKernel {
+            vmlinuz,
+            modules,
+            module_dir: kernel,
+        })
+    }
+
+    /// A module of the node kernel by its path under `kernel/` (e.g.
+    /// `fs/overlayfs/overlay.ko`); panics if the package has none there.
+    pub fn module(&self, rel: &str) -> PathBuf {
+        let path = self.module_dir.join(rel);
+        assert!(
+            path.is_file(),
+            "the node kernel has no module {}",
+            path.display()
+        );
+        path
     }
 }
 
@@ -176,43 +194,61 @@ impl NodeBinaries {
         static BINARIES: OnceLock<NodeBinaries> = OnceLock::new();
         BINARIES
             .get_or_init(|| {
-                let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-                for what in [
-                    &["-p", "carapace-vmm", "--bin", "carapace-vmm"][..],
-                    &["-p", "carapace-e2e", "--example", "node_probe"][..],
-                ] {
-                    let status = Command::new(&cargo)
-                        .current_dir(&root)
-                        .args(["build", "--release", "--target", TARGET])
-                        .args(what)
-                        .env(
-                            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-                            "-C target-feature=+crt-static",
-                        )
-                        .env("CARGO_TARGET_DIR", target_dir())
-                        .status()
-                        .expect("running cargo build for the node binaries");
-                    assert!(status.success(), "building {what:?} for the node failed");
-                }
+                build_static(&["-p", "carapace-vmm", "--bin", "carapace-vmm"]);
+                build_static(&["-p", "carapace-e2e", "--example", "node_probe"]);
                 let out = target_dir().join(TARGET).join("release");
                 let bins = NodeBinaries {
                     vmm: out.join("carapace-vmm"),
                     probe: out.join("examples/node_probe"),
                 };
                 for bin in [&bins.vmm, &bins.probe] {
-                    let bytes = std::fs::read(bin)
-                        .unwrap_or_else(|e| panic!("reading {}: {e}", bin.display()));
-                    assert!(
-                        !has_interpreter(&bytes),
-                        "{} is dynamically linked; the node has no libc",
-                        bin.display()
-                    );
+                    assert_static(bin);
                 }
                 bins
             })
             .clone()
     }
+
+    /// The daemon, `carapace`, built the same way; only for the tests that run pods in the
+    /// node (it is the largest of our binaries, so not in every node).
+    pub fn daemon() -> PathBuf {
+        static DAEMON: OnceLock<PathBuf> = OnceLock::new();
+        DAEMON
+            .get_or_init(|| {
+                build_static(&["-p", "carapace", "--bin", "carapace"]);
+                let bin = target_dir().join(TARGET).join("release/carapace");
+                assert_static(&bin);
+                bin
+            })
+            .clone()
+    }
+}
+
+/// `cargo build --release` for the explicit target with `+crt-static`.
+fn build_static(what: &[&str]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--target", TARGET])
+        .args(what)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .env("CARGO_TARGET_DIR", target_dir())
+        .status()
+        .expect("running cargo build for the node binaries");
+    assert!(status.success(), "building {what:?} for the node failed");
+}
+
+fn assert_static(bin: &Path) {
+    let bytes = std::fs::read(bin).unwrap_or_else(|e| panic!("reading {}: {e}", bin.display()));
+    assert!(
+        !has_interpreter(&bytes),
+        "{} is dynamically linked; the node has no libc",
+        bin.display()
+    );
 }
 
 /// Whether an ELF64 file has a `PT_INTERP` program header (is dynamically linked).

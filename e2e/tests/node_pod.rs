@@ -1,0 +1,102 @@
+//! A pod through the daemon with the builtin driver: inside the nested test node (real
+//! kvm-amd `/dev/kvm`, see `carapace_e2e::node`), `carapace serve` with `vm.driver =
+//! "builtin"` runs a pod sandbox as a `carapace-vmm` VM (its root filesystem over virtio-fs
+//! from virtiofsd through the VMM's vhost-user frontend, the agent over its virtio-vsock),
+//! and `carapace demo` drives it through CRI as kubelet would: RunPodSandbox, CreateContainer,
+//! StartContainer, the container's CRI log, StopPodSandbox, RemovePodSandbox.
+//! Run with `cargo nextest run -p carapace-e2e --test node_pod`.
+
+use std::path::{Path, PathBuf};
+
+use carapace_e2e::node::{NodeBinaries, NodeImage, NodeKernel};
+
+const SCRIPT: &str = r#"
+insmod /lib/modules/overlay.ko || echo "@@error overlay.ko"
+ip link set lo up
+mkdir -p /run/c
+cat > /run/c/config.toml <<CONFIG
+socket = "/run/c/carapace.sock"
+state_dir = "/run/c/state"
+image_dir = "/run/c/images"
+containers_dir = "/run/c/containers"
+run_dir = "/run/c/vms"
+[network]
+cni_conf_dir = "/run/c/net.d"
+netns_dir = "/run/c/netns"
+required = false
+[vm]
+driver = "builtin"
+kernel = "/guest/vmlinux"
+initrd = "/guest/initramfs.cpio"
+CONFIG
+carapace import --config /run/c/config.toml /busybox >/run/c/import.log 2>&1
+echo "@@import $?"
+sed 's/^/import| /' /run/c/import.log
+carapace serve --config /run/c/config.toml 2>/run/c/daemon.log &
+D=$!
+i=0; while [ ! -S /run/c/carapace.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+carapace demo --socket /run/c/carapace.sock --timeout 240 >/run/c/demo.out 2>/run/c/demo.err
+echo "@@demo $?"
+sed 's/^/demo| /' /run/c/demo.out /run/c/demo.err
+grep -q "^Hello from a container in its own Carapace pod VM" /run/c/demo.out && echo "@@hello yes"
+grep -q "VM driver: builtin" /run/c/daemon.log && echo "@@driver builtin"
+echo "@@left-vmm $(ps | grep -c '[c]arapace-vmm')"
+echo "@@left-virtiofsd $(ps | grep -c '[v]irtiofsd')"
+echo "@@left-vm-dirs $(ls /run/c/vms | wc -l)"
+kill $D; wait $D
+echo "@@daemon-exit $?"
+sed 's/^/daemon| /' /run/c/daemon.log | tail -40
+for c in /run/c/vms/*/console.log; do [ -f "$c" ] && sed 's/^/guest| /' "$c" | tail -30; done
+"#;
+
+#[test]
+fn node_pod_through_cri_with_the_builtin_driver() {
+    let layout = carapace_e2e::busybox_image();
+    let virtiofsd = carapace::vm::find_in_path("virtiofsd").expect("virtiofsd (setup installs it)");
+    let mut image = NodeImage::new(SCRIPT)
+        .file("bin/carapace", &NodeBinaries::daemon(), 0o755)
+        .file(
+            "lib/modules/overlay.ko",
+            &NodeKernel::locate().module("fs/overlayfs/overlay.ko"),
+            0o644,
+        )
+        .host_program(&virtiofsd);
+    for file in files_under(&layout) {
+        let rel = file.strip_prefix(&layout).unwrap().display().to_string();
+        image = image.file(&format!("busybox/{rel}"), &file, 0o644);
+    }
+    let out = image.run();
+    out.check(out.get("import") == "0", "the busybox layout imports");
+    out.check(
+        out.try_get("driver") == Some("builtin"),
+        "the daemon uses the builtin driver",
+    );
+    out.check(out.get("demo") == "0", "the demo pod runs through CRI");
+    out.check(
+        out.try_get("hello") == Some("yes"),
+        "the container's log reaches CRI",
+    );
+    out.check(
+        out.get("left-vmm") == "0",
+        "no carapace-vmm left after the pod is removed",
+    );
+    out.check(out.get("left-virtiofsd") == "0", "no virtiofsd left");
+    out.check(out.get("left-vm-dirs") == "0", "no VM run directory left");
+    out.check(
+        out.get("daemon-exit") == "0",
+        "the daemon stops cleanly on SIGTERM",
+    );
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
