@@ -85,6 +85,11 @@ fn config_wires_the_share_and_the_pod_network() {
     );
     // The share's path is virtiofsd's business, not the VMM's.
     assert!(!config.to_string().contains("/run/pods/p1/shared"));
+    // The VMM's own types take it (validation needs the files; see above).
+    let parsed: carapace_vmm::config::VmConfig = serde_json::from_value(config).unwrap();
+    assert_eq!(parsed.net[0].mac_bytes(), Some([0x0a, 0x58, 0x0a, 0, 0, 5]));
+    assert_eq!(parsed.net[0].mtu, Some(1450));
+    assert_eq!(parsed.fs[0].tag, SHARED_FS_TAG);
 }
 
 /// The real VMM on this host's KVM, with a payload that halts forever in
