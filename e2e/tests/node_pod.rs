@@ -47,13 +47,19 @@ kill $D; wait $D
 echo "@@daemon-exit $?"
 sed 's/^/daemon| /' /run/c/daemon.log | tail -40
 for c in /run/c/vms/*/console.log; do [ -f "$c" ] && sed 's/^/guest| /' "$c" | tail -30; done
+true
 "#;
 
 #[test]
 fn node_pod_through_cri_with_the_builtin_driver() {
     let layout = carapace_e2e::busybox_image();
     let virtiofsd = carapace::vm::find_in_path("virtiofsd").expect("virtiofsd (setup installs it)");
-    let mut image = NodeImage::new(SCRIPT)
+    // host_program() puts virtiofsd at its host path; the daemon finds it through PATH.
+    let path = format!(
+        "export PATH=\"$PATH:{}\"\n",
+        virtiofsd.parent().unwrap().display()
+    );
+    let mut image = NodeImage::new(&(path + SCRIPT))
         .file("bin/carapace", &NodeBinaries::daemon(), 0o755)
         .file(
             "lib/modules/overlay.ko",
@@ -66,6 +72,14 @@ fn node_pod_through_cri_with_the_builtin_driver() {
         image = image.file(&format!("busybox/{rel}"), &file, 0o644);
     }
     let out = image.run();
+    // Shown with --no-capture (and by nextest on failure).
+    for line in out
+        .console
+        .lines()
+        .filter(|l| l.contains("demo| ") || l.contains("@@"))
+    {
+        println!("{line}");
+    }
     out.check(out.get("import") == "0", "the busybox layout imports");
     out.check(
         out.try_get("driver") == Some("builtin"),

@@ -151,7 +151,7 @@ const DEMO_SCRIPT: &str = "echo \"Hello from a container in its own Carapace pod
     echo \"kernel:   $(uname -r)\"; echo \"hostname: $(hostname)\"; \
     echo \"cpus:     $(grep -c ^processor /proc/cpuinfo)\"; \
     echo \"memory:   $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2) kB\"; \
-    echo \"address:  $(ip -4 addr show eth0 | grep -o 'inet [0-9./]*' | cut -d' ' -f2)\"; \
+    echo \"address:  $(ip -4 addr show eth0 2>/dev/null | grep -o 'inet [0-9./]*' | cut -d' ' -f2)\"; \
     echo \"dns:      $(grep nameserver /etc/resolv.conf)\"; \
     echo \"cgroup:   $(cat /proc/self/cgroup)\"";
 
