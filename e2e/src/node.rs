@@ -242,7 +242,8 @@ fn build_static(what: &[&str]) {
     assert!(status.success(), "building {what:?} for the node failed");
 }
 
-fn assert_static(bin: &Path) {
+/// Panics unless `bin` is a statically linked ELF (no `PT_INTERP`).
+pub fn assert_static(bin: &Path) {
     let bytes = std::fs::read(bin).unwrap_or_else(|e| panic!("reading {}: {e}", bin.display()));
     assert!(
         !has_interpreter(&bytes),
