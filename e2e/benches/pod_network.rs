@@ -13,9 +13,9 @@
 //! is printed, with the ratio VM/baseline.
 //!
 //! Timing: the baseline client times itself (the host's clock). Inside a
-//! pod VM under TCG the guest's clock is jiffies (4 ms steps, and it was
-//! seen running ahead of the host's), so the pod figures are timed on the
-//! host around the ExecSync instead, as a difference: the big run minus the
+//! pod VM under TCG the guest's clock is jiffies (4 ms steps: each round
+//! trip reads 0 or 4 ms), so the pod figures are timed on the host around
+//! the ExecSync instead, as a difference: the big run minus the
 //! same exec with one unit of work (1 MiB, 1 round trip), which removes the
 //! exec's own cost (process start, connection, warm-up round trips). Hence
 //! the latency compared is the mean round trip, on both sides. A difference
