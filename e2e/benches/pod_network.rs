@@ -381,16 +381,22 @@ async fn measure(
     Ok(())
 }
 
-/// Stops and removes a pod; a failure is reported, not fatal (the daemon's
-/// drop kills what is left).
-async fn remove_pod(cri: &mut Cri, pod: &str) {
+/// Stops and removes a pod; a failure is reported with the daemon's log,
+/// not fatal (the daemon's drop kills what is left).
+async fn remove_pod(cri: &mut Cri, daemon: &Daemon, pod: &str) {
     if let Err(e) = cri
         .stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: pod.into(),
         })
         .await
     {
-        eprintln!("StopPodSandbox {pod}: {}", e.message());
+        let log = daemon.log();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!(
+            "StopPodSandbox {pod}: {}\n--- daemon log (tail) ---\n{}",
+            e.message(),
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
     }
     if let Err(e) = cri
         .remove_pod_sandbox(RemovePodSandboxRequest {
@@ -434,7 +440,7 @@ fn main() {
         .await;
         let measured = measure(&netbench, &baseline, &mut cri, &ctr_b, &ip_a).await;
         for pod in [pod_a, pod_b] {
-            remove_pod(&mut cri, &pod).await;
+            remove_pod(&mut cri, &daemon, &pod).await;
         }
         drop(daemon);
         let _ = Command::new("ip")
