@@ -11,6 +11,9 @@
 //!   WebSocket (`v4.channel.k8s.io` port-forward framing) and over SPDY/3.1
 //!   (`portforward.k8s.io`, our client). Timed from the first byte sent to
 //!   the count received (connection setup excluded); the count must match.
+//!   As a baseline without the streaming path, the same sink fed from
+//!   inside the guest (`head -c N /dev/zero | nc 127.0.0.1 8080` by
+//!   ExecSync, the whole call timed).
 //!
 //! Median, min and max of RUNS (20) runs each; PF_RUNS (RUNS) for the
 //! port-forward runs. Anything that fails panics: no figure is printed
@@ -276,6 +279,19 @@ fn main() {
             let took = spdy_push(&mut cri, &pod, &payload, i).await;
             spdy_rate.push(mib / took.as_secs_f64());
         }
+        // The baseline without the streaming path: the same sink fed from
+        // inside the guest over its loopback TCP. The whole ExecSync call
+        // is timed, its exec cost included (the ExecSync `true` figure).
+        let feed = format!("head -c {bytes} /dev/zero | nc 127.0.0.1 8080");
+        let mut guest_rate = Vec::new();
+        for _ in 0..pf_runs {
+            let start = Instant::now();
+            let (code, answer) = exec_sync(&mut cri, &container, &["sh", "-c", &feed]).await;
+            let took = start.elapsed();
+            assert_eq!(code, 0, "the guest feeder exited {code}: {answer:?}");
+            check_count(answer.as_bytes(), bytes);
+            guest_rate.push(mib / took.as_secs_f64());
+        }
         cri::remove_pod(&mut cri, &pod).await;
 
         for (what, figures) in [
@@ -291,12 +307,22 @@ fn main() {
             );
         }
         for (what, figures) in [
-            ("WebSocket (v4.channel.k8s.io)", &mut ws_rate),
-            ("SPDY/3.1 (portforward.k8s.io)", &mut spdy_rate),
+            (
+                "port-forward over WebSocket (v4.channel.k8s.io)",
+                &mut ws_rate,
+            ),
+            (
+                "port-forward over SPDY/3.1 (portforward.k8s.io)",
+                &mut spdy_rate,
+            ),
+            (
+                "baseline, no port-forward: fed inside the guest (ExecSync of head | nc 127.0.0.1)",
+                &mut guest_rate,
+            ),
         ] {
             let (median, min, max) = summary(figures);
             println!(
-                "port-forward {pf_mib} MiB to a sink in the pod over {what}, {pf_runs} runs: \
+                "{pf_mib} MiB to a sink in the pod, {what}, {pf_runs} runs: \
                  median {median:.1} MiB/s, min {min:.1} MiB/s, max {max:.1} MiB/s"
             );
         }
