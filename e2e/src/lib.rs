@@ -30,6 +30,7 @@ pub mod oci_image;
 /// image tests.
 #[path = "../../runtime/tests/support/registry.rs"]
 pub mod registry;
+pub mod streaming_client;
 
 /// How long a boot may take before the test fails. TCG on a loaded 2-core
 /// machine is slow; a healthy boot takes about a second.

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use carapace_e2e::cri::{self, Cri};
 use carapace_e2e::daemon::Daemon;
+use carapace_e2e::streaming_client::{connect, read_all, Seen, Ws};
 use futures_util::{SinkExt, StreamExt};
 use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerState, CreateContainerRequest, ExecRequest,
     PodSandboxConfig, RemovePodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tonic::Code;
 
@@ -43,33 +43,6 @@ fn exec_request(id: &str, cmd: &[&str], stdin: bool, tty: bool) -> ExecRequest {
 
 async fn exec_url(cri: &mut Cri, request: ExecRequest) -> String {
     cri.exec(request).await.expect("Exec").into_inner().url
-}
-
-/// What a session delivered: stdout, stderr, the error channel.
-#[derive(Debug, Default)]
-struct Seen {
-    stdout: String,
-    stderr: String,
-    status: String,
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(url: &str, protocol: &str) -> Result<Ws, WsError> {
-    let mut request = url
-        .replacen("http://", "ws://", 1)
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
-    let (ws, response) = tokio_tungstenite::connect_async(request).await?;
-    assert_eq!(
-        response.headers()["Sec-WebSocket-Protocol"],
-        protocol.split(',').next().unwrap().trim()
-    );
-    Ok(ws)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -162,34 +135,6 @@ async fn read_until(ws: &mut Ws, needle: &str) -> String {
         .await
         .unwrap_or_else(|_| panic!("never saw {needle:?}"));
     stdout
-}
-
-/// Reads the session to its end.
-async fn read_all(ws: &mut Ws) -> Seen {
-    let mut seen = Seen::default();
-    let read = async {
-        while let Some(msg) = ws.next().await {
-            let data = match msg.expect("websocket message") {
-                Message::Binary(b) => b.to_vec(),
-                Message::Close(_) => break,
-                _ => continue,
-            };
-            let Some((&channel, rest)) = data.split_first() else {
-                continue;
-            };
-            let text = String::from_utf8_lossy(rest);
-            match channel {
-                1 => seen.stdout.push_str(&text),
-                2 => seen.stderr.push_str(&text),
-                3 => seen.status.push_str(&text),
-                other => panic!("unexpected channel {other}"),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), read)
-        .await
-        .expect("the session ended");
-    seen
 }
 
 fn status_json(seen: &Seen) -> serde_json::Value {
