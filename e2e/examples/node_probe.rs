@@ -15,6 +15,10 @@
 //!     announcement on `<vsock.sock>_1025` and only then connects: vhost-device-vsock (the
 //!     QEMU side's backend) stops answering host connections that arrive while the guest's
 //!     vsock driver is still starting (docs/design.md, record 8)
+//! node_probe cri <cri.sock> <log_dir>
+//!     a pod lifecycle through CRI as kubelet drives it: RunPodSandbox, a busybox container
+//!     (CreateContainer, StartContainer) whose first line reaches its CRI log, ExecSync into
+//!     it, StopPodSandbox, RemovePodSandbox; prints `@@cri-<step> ok` or `@@cri-<step> error ...`
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
@@ -27,7 +31,7 @@ use carapace::agent_client::AgentClient;
 use carapace::agent_ready::ReadyListener;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: node_probe health <uds> <timeout_ms> | api <socket> <json> | boot <uds> <timeout_ms> <program> [args...]");
+    eprintln!("usage: node_probe health <uds> <timeout_ms> | api <socket> <json> | boot <uds> <timeout_ms> <program> [args...] | cri <cri.sock> <log_dir>");
     ExitCode::from(2)
 }
 
@@ -211,6 +215,117 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
     ok
 }
 
+/// A pod lifecycle through CRI (see the module comment).
+fn cri(socket: &Path, log_dir: &Path) -> bool {
+    use carapace_e2e::cri::{busybox, pod_config};
+    use k8s_cri::v1::{
+        CreateContainerRequest, ExecSyncRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+        StartContainerRequest, StopPodSandboxRequest,
+    };
+    let step = |name: &str, r: Result<(), String>| {
+        result(
+            &format!("cri-{name}"),
+            r.as_ref()
+                .map_or_else(|e| format!("error {e}"), |_| "ok".into()),
+        );
+        r.is_ok()
+    };
+    runtime().block_on(async {
+        let mut cri = match carapace::demo::connect(socket).await {
+            Ok(c) => c,
+            Err(e) => return step("connect", Err(format!("{e:#}"))),
+        };
+        let config = pod_config("node-pod", log_dir);
+        let pod = match cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().pod_sandbox_id,
+            Err(e) => return step("run-pod", Err(e.to_string())),
+        };
+        step("run-pod", Ok(()));
+        let container = async {
+            let id = cri
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(busybox(
+                        "sleeper",
+                        &["sh", "-c", "echo started; exec sleep 600"],
+                        "sleeper.log",
+                    )),
+                    sandbox_config: Some(config.clone()),
+                })
+                .await
+                .map_err(|e| format!("CreateContainer: {e}"))?
+                .into_inner()
+                .container_id;
+            cri.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .map_err(|e| format!("StartContainer: {e}"))?;
+            Ok::<_, String>(id)
+        }
+        .await;
+        let ok = step(
+            "container",
+            container.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+        let mut all = ok;
+        if let Ok(id) = container {
+            let log = log_dir.join("sleeper.log");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let logged = loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.lines().any(|l| l.ends_with(" stdout F started")) {
+                    break Ok(());
+                }
+                if Instant::now() > deadline {
+                    break Err(format!("{} holds {text:?}", log.display()));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            all &= step("log", logged);
+            let exec = cri
+                .exec_sync(ExecSyncRequest {
+                    container_id: id,
+                    cmd: vec!["sh".into(), "-c".into(), "echo exec-ok; exit 3".into()],
+                    timeout: 30,
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| {
+                    let r = r.into_inner();
+                    match (String::from_utf8_lossy(&r.stdout).as_ref(), r.exit_code) {
+                        ("exec-ok\n", 3) => Ok(()),
+                        (out, code) => Err(format!("stdout {out:?}, exit code {code}")),
+                    }
+                });
+            all &= step("exec", exec);
+        }
+        let stop = cri
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        all &= step("stop-pod", stop);
+        let remove = cri
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        all &= step("remove-pod", remove);
+        all
+    })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let ms = |s: &String| s.parse::<u64>().ok().map(Duration::from_millis);
@@ -220,6 +335,7 @@ fn main() -> ExitCode {
             None => return usage(),
         },
         [cmd, socket, request] if cmd == "api" => api(Path::new(socket), request),
+        [cmd, socket, log_dir] if cmd == "cri" => cri(Path::new(socket), Path::new(log_dir)),
         [cmd, uds, port, wait] if cmd == "raw" => match (port.parse(), ms(wait)) {
             (Ok(p), Some(w)) => raw(Path::new(uds), p, w),
             _ => return usage(),

@@ -3,7 +3,8 @@
 //! "builtin"` runs a pod sandbox as a `carapace-vmm` VM (its root filesystem over virtio-fs
 //! from virtiofsd through the VMM's vhost-user frontend, the agent over its virtio-vsock),
 //! and `carapace demo` drives it through CRI as kubelet would: RunPodSandbox, CreateContainer,
-//! StartContainer, the container's CRI log, StopPodSandbox, RemovePodSandbox.
+//! StartContainer, the container's CRI log, StopPodSandbox, RemovePodSandbox; then
+//! `node_probe cri` a second pod with a long-running container and ExecSync into it.
 //! Run with `cargo nextest run -p carapace-e2e --test node_pod`.
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,11 @@ carapace demo --socket /run/c/carapace.sock --timeout 240 >/run/c/demo.out 2>/ru
 echo "@@demo $?"
 sed 's/^/demo| /' /run/c/demo.out /run/c/demo.err
 grep -q "^Hello from a container in its own Carapace pod VM" /run/c/demo.out && echo "@@hello yes"
+mkdir -p /run/c/podlogs
+node_probe cri /run/c/carapace.sock /run/c/podlogs
+echo "@@left-mounts $(grep -c ' /run/c/' /proc/mounts)"
+echo "@@left-records $(ls /run/c/state/sandboxes /run/c/state/containers | grep -vc -e '^$' -e ':$')"
+echo "@@left-layers $(ls /run/c/containers | wc -l)"
 grep -q "VM driver: builtin" /run/c/daemon.log && echo "@@driver builtin"
 echo "@@left-vmm $(ps | grep -c '[c]arapace-vmm')"
 echo "@@left-virtiofsd $(ps | grep -c '[v]irtiofsd')"
@@ -90,6 +96,28 @@ fn node_pod_through_cri_with_the_builtin_driver() {
         out.try_get("hello") == Some("yes"),
         "the container's log reaches CRI",
     );
+    for step in [
+        "run-pod",
+        "container",
+        "log",
+        "exec",
+        "stop-pod",
+        "remove-pod",
+    ] {
+        out.check(
+            out.try_get(&format!("cri-{step}")) == Some("ok"),
+            &format!("CRI step {step} with the builtin driver"),
+        );
+    }
+    out.check(
+        out.get("left-mounts") == "0",
+        "no mount left under the daemon's directories",
+    );
+    out.check(
+        out.get("left-records") == "0",
+        "no pod or container record left",
+    );
+    out.check(out.get("left-layers") == "0", "no writable layer left");
     out.check(
         out.get("left-vmm") == "0",
         "no carapace-vmm left after the pod is removed",
