@@ -39,6 +39,18 @@ pub mod status {
     pub const FAILED: u32 = 128;
 }
 
+/// Copies the device's configuration space `cfg` from `offset` into `data`; bytes beyond
+/// it (or at an offset that overflows) read as zero. The guest chooses offset and length.
+pub fn read_config_space(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| cfg.get(usize::try_from(o).ok()?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Interrupt status bits (the `InterruptStatus` register).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InterruptKind {

@@ -15,7 +15,9 @@ use super::{
     BlockError, NUM_QUEUES, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_ID_BLOCK,
 };
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// Queues and memory of an activated device.
 pub(super) struct Active {
@@ -88,13 +90,7 @@ impl VirtioDevice for Block {
         // struct virtio_blk_config { le64 capacity; ... }: only the capacity is offered
         // (no feature announces the other fields), the rest reads as zero.
         let cfg = self.disk.sectors.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(usize::try_from(o).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&cfg, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -18,7 +18,9 @@ use super::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::config::FsConfig;
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// Token of the backend socket in the device's epoll set (queue `i` uses token `i`).
 pub(super) const SOCKET_TOKEN: u64 = u64::MAX;
@@ -190,13 +192,7 @@ impl VirtioDevice for Fs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| self.config_space.get(usize::try_from(o).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -15,7 +15,9 @@ use super::{
     NetError, MAX_FRAME_LEN, MAX_TX_CHAIN_LEN, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_NET,
     VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
 };
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// Queues and memory of an activated device.
 pub(super) struct Active {
@@ -186,13 +188,7 @@ impl VirtioDevice for Net {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let cfg = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(usize::try_from(o).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&cfg, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

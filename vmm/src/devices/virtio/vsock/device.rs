@@ -10,7 +10,9 @@ use vm_memory::GuestMemoryMmap;
 use super::metrics::VsockMetrics;
 use super::muxer::VsockMuxer;
 use super::{VsockError, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_VSOCK};
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 
 /// Queues and memory of an activated device.
 pub(super) struct Active {
@@ -79,13 +81,7 @@ impl VirtioDevice for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
         let cfg = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&cfg, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
