@@ -22,6 +22,7 @@ use carapace_agent_api::v1::HealthResponse;
 
 pub mod cri;
 pub mod daemon;
+pub mod fake_apiserver;
 pub mod node;
 /// The demo image builder, shared with `cargo xtask busybox-image`.
 #[path = "../../xtask/src/oci_image.rs"]

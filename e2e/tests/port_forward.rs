@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use carapace_e2e::cri::{self, Cri};
 use carapace_e2e::daemon::{processes_mentioning, Daemon};
+use carapace_e2e::fake_apiserver::{self, ApiReply, ApiRequest};
 use carapace_e2e::streaming_client::{connect, read_to_end, SpdyClient, Ws};
 use futures_util::{SinkExt, StreamExt};
 use k8s_cri::v1::{ExecSyncRequest, PortForwardRequest};
@@ -356,71 +357,24 @@ async fn kubectl_with(cri: &Cri, pod: &str, dir: &std::path::Path, websockets: &
 /// An API server that knows the running pod `pf` and hands its
 /// port-forward requests to the streaming server.
 async fn fake_apiserver(cri: Cri, pod: String) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut cri = cri.clone();
-            let pod = pod.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+    fake_apiserver::serve(move |req: ApiRequest| {
+        let mut cri = cri.clone();
+        let pod = pod.clone();
+        async move {
+            match req.path.as_str() {
+                "/api/v1/namespaces/default/pods/pf/portforward" => {
+                    ApiReply::Stream(url(&mut cri, &pod, &[]).await)
                 }
-                let head = String::from_utf8(head).unwrap();
-                let (line, rest) = head.split_once("\r\n").unwrap();
-                let mut parts = line.split(' ');
-                let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
-                let (path, _query) = target.split_once('?').unwrap_or((target, ""));
-                if path == "/api/v1/namespaces/default/pods/pf/portforward" {
-                    let url = url(&mut cri, &pod, &[]).await;
-                    let rest_url = url.strip_prefix("http://").unwrap();
-                    let (up_addr, up_path) = rest_url.split_at(rest_url.find('/').unwrap());
-                    let mut up = TcpStream::connect(up_addr).await.unwrap();
-                    up.write_all(format!("{method} {up_path} HTTP/1.1\r\n{rest}").as_bytes())
-                        .await
-                        .unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
-                    return;
-                }
-                let (status, body) = match path {
-                    "/api/v1/namespaces/default/pods/pf" => (
-                        "200 OK",
-                        r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"pf","namespace":"default"},"spec":{"containers":[{"name":"server","image":"busybox"}]},"status":{"phase":"Running"}}"#,
-                    ),
-                    "/api" => (
-                        "200 OK",
-                        r#"{"kind":"APIVersions","versions":["v1"],"serverAddressByClientCIDRs":[]}"#,
-                    ),
-                    "/apis" => (
-                        "200 OK",
-                        r#"{"kind":"APIGroupList","apiVersion":"v1","groups":[]}"#,
-                    ),
-                    "/api/v1" => (
-                        "200 OK",
-                        r#"{"kind":"APIResourceList","groupVersion":"v1","resources":[{"name":"pods","singularName":"pod","namespaced":true,"kind":"Pod","verbs":["get","list"],"shortNames":["po"]},{"name":"pods/portforward","singularName":"","namespaced":true,"kind":"PodPortForwardOptions","verbs":["create","get"]}]}"#,
-                    ),
-                    _ => (
-                        "404 Not Found",
-                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#,
-                    ),
-                };
-                let _ = tcp
-                    .write_all(
-                        format!(
-                            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        )
-                        .as_bytes(),
-                    )
-                    .await;
-            });
+                "/api/v1/namespaces/default/pods/pf" => ApiReply::Json(
+                    r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"pf","namespace":"default"},"spec":{"containers":[{"name":"server","image":"busybox"}]},"status":{"phase":"Running"}}"#.into(),
+                ),
+                path => fake_apiserver::discovery(
+                    path,
+                    r#"{"name":"pods","singularName":"pod","namespaced":true,"kind":"Pod","verbs":["get","list"],"shortNames":["po"]},{"name":"pods/portforward","singularName":"","namespaced":true,"kind":"PodPortForwardOptions","verbs":["create","get"]}"#,
+                )
+                .map_or(ApiReply::NotFound, ApiReply::Json),
+            }
         }
-    });
-    addr
+    })
+    .await
 }

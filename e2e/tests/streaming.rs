@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use carapace_e2e::cri::{self, Cri};
 use carapace_e2e::daemon::Daemon;
+use carapace_e2e::fake_apiserver::{self, ApiReply, ApiRequest};
 use carapace_e2e::streaming_client::{connect, read_all, Seen, Ws};
 use futures_util::{SinkExt, StreamExt};
 use k8s_cri::v1::{
@@ -647,102 +648,56 @@ fn unescape(s: &str) -> String {
 /// An API server that knows one running pod `stream` and forwards its exec
 /// requests (WebSocket or SPDY) to the streaming server, for `container`.
 async fn fake_apiserver(cri: Cri, containers: HashMap<String, String>) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut cri = cri.clone();
-            let containers = containers.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if tcp.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
+    fake_apiserver::serve(move |req: ApiRequest| {
+        let mut cri = cri.clone();
+        let containers = containers.clone();
+        async move {
+            let kind = req
+                .path
+                .strip_prefix("/api/v1/namespaces/default/pods/stream/");
+            if kind == Some("exec") || kind == Some("attach") {
+                let mut request = ExecRequest::default();
+                for (k, v) in req.query.split('&').filter_map(|kv| kv.split_once('=')) {
+                    let v = unescape(v);
+                    match k {
+                        "command" => request.cmd.push(v),
+                        "container" => request.container_id = containers[&v].clone(),
+                        "stdin" => request.stdin = v == "true",
+                        "stdout" => request.stdout = v == "true",
+                        "stderr" => request.stderr = v == "true",
+                        "tty" => request.tty = v == "true",
+                        _ => {}
                     }
-                    head.push(byte[0]);
                 }
-                let head = String::from_utf8(head).unwrap();
-                let (line, rest) = head.split_once("\r\n").unwrap();
-                let mut parts = line.split(' ');
-                let (method, target) = (parts.next().unwrap(), parts.next().unwrap());
-                let (path, query) = target.split_once('?').unwrap_or((target, ""));
-                let kind = path.strip_prefix("/api/v1/namespaces/default/pods/stream/");
-                if kind == Some("exec") || kind == Some("attach") {
-                    let mut request = ExecRequest::default();
-                    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-                        let v = unescape(v);
-                        match k {
-                            "command" => request.cmd.push(v),
-                            "container" => request.container_id = containers[&v].clone(),
-                            "stdin" => request.stdin = v == "true",
-                            "stdout" => request.stdout = v == "true",
-                            "stderr" => request.stderr = v == "true",
-                            "tty" => request.tty = v == "true",
-                            _ => {}
-                        }
-                    }
-                    let url = if kind == Some("exec") {
-                        cri.exec(request).await.expect("Exec").into_inner().url
-                    } else {
-                        cri.attach(AttachRequest {
-                            container_id: request.container_id,
-                            stdin: request.stdin,
-                            tty: request.tty,
-                            stdout: request.stdout,
-                            stderr: request.stderr,
-                        })
-                        .await
-                        .expect("Attach")
-                        .into_inner()
-                        .url
-                    };
-                    let rest_url = url.strip_prefix("http://").unwrap();
-                    let (up_addr, up_path) = rest_url.split_at(rest_url.find('/').unwrap());
-                    let mut up = tokio::net::TcpStream::connect(up_addr).await.unwrap();
-                    up.write_all(format!("{method} {up_path} HTTP/1.1\r\n{rest}").as_bytes())
-                        .await
-                        .unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
-                } else if let Some(body) = match path {
-                    "/api/v1/namespaces/default/pods/stream" => Some(
-                        r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"stream","namespace":"default"},"spec":{"containers":[{"name":"app","image":"busybox"},{"name":"echoer","image":"busybox","stdin":true}]},"status":{"phase":"Running"}}"#,
-                    ),
-                    // Discovery, the legacy (unaggregated) way.
-                    "/api" => Some(
-                        r#"{"kind":"APIVersions","versions":["v1"],"serverAddressByClientCIDRs":[]}"#,
-                    ),
-                    "/apis" => Some(r#"{"kind":"APIGroupList","apiVersion":"v1","groups":[]}"#),
-                    "/api/v1" => Some(
-                        r#"{"kind":"APIResourceList","groupVersion":"v1","resources":[{"name":"pods","singularName":"pod","namespaced":true,"kind":"Pod","verbs":["get","list"],"shortNames":["po"]},{"name":"pods/exec","singularName":"","namespaced":true,"kind":"PodExecOptions","verbs":["create","get"]}]}"#,
-                    ),
-                    _ => None,
-                } {
-                    let _ = tcp
-                        .write_all(
-                            format!(
-                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        )
-                        .await;
+                let url = if kind == Some("exec") {
+                    cri.exec(request).await.expect("Exec").into_inner().url
                 } else {
-                    let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
-                    let _ = tcp
-                        .write_all(
-                            format!(
-                                "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        )
-                        .await;
-                }
-            });
+                    cri.attach(AttachRequest {
+                        container_id: request.container_id,
+                        stdin: request.stdin,
+                        tty: request.tty,
+                        stdout: request.stdout,
+                        stderr: request.stderr,
+                    })
+                    .await
+                    .expect("Attach")
+                    .into_inner()
+                    .url
+                };
+                return ApiReply::Stream(url);
+            }
+            match req.path.as_str() {
+                "/api/v1/namespaces/default/pods/stream" => ApiReply::Json(
+                    r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"stream","namespace":"default"},"spec":{"containers":[{"name":"app","image":"busybox"},{"name":"echoer","image":"busybox","stdin":true}]},"status":{"phase":"Running"}}"#.into(),
+                ),
+                // Discovery, the legacy (unaggregated) way.
+                path => fake_apiserver::discovery(
+                    path,
+                    r#"{"name":"pods","singularName":"pod","namespaced":true,"kind":"Pod","verbs":["get","list"],"shortNames":["po"]},{"name":"pods/exec","singularName":"","namespaced":true,"kind":"PodExecOptions","verbs":["create","get"]}"#,
+                )
+                .map_or(ApiReply::NotFound, ApiReply::Json),
+            }
         }
-    });
-    addr
+    })
+    .await
 }
