@@ -17,6 +17,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     let compare_virtiofs = std::env::var_os("BOOT_VIRTIOFS").is_some_and(|v| v == "1");
+    let extra_cmdline = std::env::var("BOOT_CMDLINE").unwrap_or_default();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let share = tempfile::tempdir().expect("a shared directory");
     let variants: Vec<(&str, Option<std::path::PathBuf>)> = if compare_virtiofs {
@@ -34,6 +35,7 @@ fn main() {
             let (boot, start) = runtime.block_on(async {
                 let vm = TestVm::boot_with(VmOptions {
                     shared_dir: shared_dir.clone(),
+                    extra_cmdline: extra_cmdline.clone(),
                     ..VmOptions::default()
                 })
                 .await;

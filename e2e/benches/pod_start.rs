@@ -5,7 +5,8 @@
 //! p95 of each). Then, with all N running, the host PSS of each pod's VM
 //! processes (QEMU, vsock backend, virtiofsd), which counts the guest RAM
 //! the guest actually touched.
-//! `cargo bench -p carapace-e2e --bench pod_start` (pods: PODS, 10).
+//! `cargo bench -p carapace-e2e --bench pod_start` (pods: PODS, 10; the
+//! daemon's log is copied to POD_START_DAEMON_LOG when set).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -124,6 +125,9 @@ fn main() {
                 .await;
         }
         pss.sort();
+        if let Some(path) = std::env::var_os("POD_START_DAEMON_LOG") {
+            std::fs::write(path, daemon.log()).expect("writing the daemon log");
+        }
         for (what, figures) in [
             ("RunPodSandbox", &mut latencies),
             ("CreateContainer + StartContainer", &mut container_starts),
