@@ -102,6 +102,7 @@ impl Agent for AgentService {
             self.containers
                 .set_shared_root(PathBuf::from(&first.mount_point));
         }
+        self.containers.prestart_pod_holder();
         Ok(Response::new(resp))
     }
 

@@ -2,11 +2,12 @@
 //! configured driver (qemu here). For N sequential pods, as kubelet starts
 //! a pod: RunPodSandbox, then CreateContainer + StartContainer of a busybox
 //! container, then the moment its first line reaches its CRI log (median,
-//! p95 of each). Then, with all N running, the host PSS of each pod's VM
-//! processes (QEMU, vsock backend, virtiofsd), which counts the guest RAM
-//! the guest actually touched.
+//! p95 of each, and of the three calls together). Then, with all N
+//! running, the host PSS of each pod's VM processes (QEMU, vsock backend,
+//! virtiofsd), split into the guest RAM the guest touched and the rest.
 //! `cargo bench -p carapace-e2e --bench pod_start` (pods: PODS, 10; the
-//! daemon's log is copied to POD_START_DAEMON_LOG when set).
+//! daemon's log and the pods' consoles are copied to POD_START_DAEMON_LOG
+//! when set).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,13 +18,42 @@ use k8s_cri::v1::{
     PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
 };
 
-fn pss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+/// A process's proportional set size in KiB: (guest RAM, everything
+/// else). Guest RAM is the VM's shared memfd (`memory-backend-memfd`
+/// `id=mem`), mapped by QEMU and by the vhost-user backends it hands the
+/// memory table to; PSS splits each touched page between them.
+fn pss_kib(pid: i32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut guest, mut other) = (0, 0);
+    let mut in_guest_ram = false;
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Pss:") {
+            let kib: u64 = kib
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            if in_guest_ram {
+                guest += kib;
+            } else {
+                other += kib;
+            }
+        } else if line.split_whitespace().next().is_some_and(|f| {
+            f.contains('-') && f.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        }) {
+            // A mapping's header: range perms offset dev inode [path].
+            in_guest_ram = line.contains("/memfd:mem");
+        }
+    }
+    (guest, other)
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+        .trim()
+        .to_owned()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -111,11 +141,29 @@ fn main() {
         }
         // Let the guests settle (the agent idles) before reading memory.
         tokio::time::sleep(Duration::from_secs(2)).await;
+        // Per pod: (all, guest RAM, everything but guest RAM) in KiB, and
+        // the non-guest part per process name.
         let mut pss = Vec::new();
+        let mut by_process: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
         for id in &ids {
             let dir = daemon.run_dir().join(&id[..16]);
-            let kib: u64 = processes_mentioning(&dir).into_iter().map(pss_kib).sum();
-            pss.push(kib);
+            let (mut guest, mut other) = (0, 0);
+            for pid in processes_mentioning(&dir) {
+                let (g, o) = pss_kib(pid);
+                guest += g;
+                other += o;
+                by_process.entry(comm(pid)).or_default().push(o);
+            }
+            pss.push((guest + other, guest, other));
+        }
+        if let Some(path) = std::env::var_os("POD_START_DAEMON_LOG") {
+            let mut log = daemon.log();
+            for id in &ids {
+                let console = daemon.run_dir().join(&id[..16]).join("console.log");
+                log.push_str(&format!("--- console of pod {id} ---\n"));
+                log.push_str(&std::fs::read_to_string(console).unwrap_or_default());
+            }
+            std::fs::write(path, log).expect("writing the daemon log");
         }
         for id in &ids {
             let _ = cri
@@ -124,13 +172,15 @@ fn main() {
                 })
                 .await;
         }
-        pss.sort();
-        if let Some(path) = std::env::var_os("POD_START_DAEMON_LOG") {
-            std::fs::write(path, daemon.log()).expect("writing the daemon log");
-        }
+        let totals: Vec<Duration> = latencies
+            .iter()
+            .zip(&container_starts)
+            .map(|(run, create_start)| *run + *create_start)
+            .collect();
         for (what, figures) in [
             ("RunPodSandbox", &mut latencies),
             ("CreateContainer + StartContainer", &mut container_starts),
+            ("pod start: RunPodSandbox + CreateContainer + StartContainer", &mut totals.clone()),
             ("pod start to the container's first log line", &mut first_output),
         ] {
             figures.sort();
@@ -142,10 +192,19 @@ fn main() {
                 figures[pods - 1].as_millis()
             );
         }
+        let median = |mut v: Vec<u64>| {
+            v.sort();
+            v[v.len() / 2] / 1024
+        };
         println!(
-            "host PSS per running pod with one idle container (VM processes, incl. touched guest RAM): median {} MiB, max {} MiB",
-            pss[pods / 2] / 1024,
-            pss[pods - 1] / 1024
+            "host PSS per running pod with one idle container (the VM's processes): median {} MiB in all = {} MiB guest RAM the guest touched + {} MiB besides guest RAM (max {} MiB)",
+            median(pss.iter().map(|p| p.0).collect()),
+            median(pss.iter().map(|p| p.1).collect()),
+            median(pss.iter().map(|p| p.2).collect()),
+            pss.iter().map(|p| p.2).max().unwrap_or(0) / 1024,
         );
+        for (process, kib) in by_process {
+            println!("  besides guest RAM, {process}: median {} MiB", median(kib));
+        }
     });
 }

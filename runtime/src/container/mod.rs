@@ -421,6 +421,7 @@ impl Containers {
         pod: &PodContext,
     ) -> Result<ContainerRecord, ContainerError> {
         let rootfs_target = record.share_dir.join("rootfs");
+        let began = std::time::Instant::now();
         let prepared = rootfs::prepare(
             &self.store,
             &record.id,
@@ -459,11 +460,18 @@ impl Containers {
             })?;
             record.process_json = process_of(&request)?;
             record.username = request.username.clone();
+            let host_ms = began.elapsed().as_millis() as u64;
             agent
                 .rpc()
                 .create_container(request)
                 .await
                 .map_err(agent_err)?;
+            tracing::debug!(
+                id = %record.id,
+                host_ms,
+                agent_ms = began.elapsed().as_millis() as u64 - host_ms,
+                "container created in the guest"
+            );
             if let Err(e) = self.records.save(&record.id, &record) {
                 let _ = agent
                     .rpc()

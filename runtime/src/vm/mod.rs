@@ -107,7 +107,13 @@ impl VmDriver {
 /// Kernel command-line words every Carapace guest boots with.
 /// `reboot=t panic=-1`: a guest that panics or reboots makes the VM exit
 /// rather than hang; `quiet` keeps the serial console (slow under TCG) short.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
+/// `rcupdate.rcu_expedited=1`: every RCU grace period the kernel waits for
+/// is expedited (an IPI to each vCPU rather than waiting for their ticks).
+/// Container creation waits for several (joining a cgroup, unshare and
+/// mount-namespace teardown, mounts); with one or two vCPUs the IPIs cost
+/// nothing. Under TCG it took the agent's container setup from ~240 to
+/// ~130 ms (guest clock), the cgroup join from ~40 to ~12 ms.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet rcupdate.rcu_expedited=1";
 
 /// The virtio-fs tag of the pod's shared directory.
 pub const SHARED_FS_TAG: &str = "carapace";
