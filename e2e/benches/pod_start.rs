@@ -18,14 +18,23 @@ use k8s_cri::v1::{
     PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
 };
 
-/// A process's proportional set size in KiB: (guest RAM, everything
-/// else). Guest RAM is the VM's shared memfd (`memory-backend-memfd`
-/// `id=mem`), mapped by QEMU and by the vhost-user backends it hands the
-/// memory table to; PSS splits each touched page between them.
-fn pss_kib(pid: i32) -> (u64, u64) {
+/// A process's proportional set size in KiB: guest RAM, QEMU's TCG
+/// translation buffer, and everything else. Guest RAM is the VM's shared
+/// memfd (`memory-backend-memfd`), mapped by QEMU and by the vhost-user
+/// backends it hands the memory table to; PSS splits each touched page
+/// between them. The translation buffer is QEMU's one anonymous
+/// read-write-execute mapping (TCG only; it does not exist under KVM).
+#[derive(Default, Clone, Copy)]
+struct Pss {
+    guest_ram: u64,
+    tcg: u64,
+    other: u64,
+}
+
+fn pss_kib(pid: i32) -> Pss {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut guest, mut other) = (0, 0);
-    let mut in_guest_ram = false;
+    let mut pss = Pss::default();
+    let mut kind = 0;
     for line in smaps.lines() {
         if let Some(kib) = line.strip_prefix("Pss:") {
             let kib: u64 = kib
@@ -34,19 +43,26 @@ fn pss_kib(pid: i32) -> (u64, u64) {
                 .trim()
                 .parse()
                 .unwrap_or(0);
-            if in_guest_ram {
-                guest += kib;
-            } else {
-                other += kib;
+            match kind {
+                1 => pss.guest_ram += kib,
+                2 => pss.tcg += kib,
+                _ => pss.other += kib,
             }
         } else if line.split_whitespace().next().is_some_and(|f| {
             f.contains('-') && f.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
         }) {
             // A mapping's header: range perms offset dev inode [path].
-            in_guest_ram = line.contains("/memfd:mem");
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            kind = if line.contains("/memfd:mem") {
+                1
+            } else if fields.get(1) == Some(&"rwxp") && fields.len() == 5 {
+                2
+            } else {
+                0
+            };
         }
     }
-    (guest, other)
+    pss
 }
 
 fn comm(pid: i32) -> String {
@@ -68,7 +84,13 @@ fn main() {
         .unwrap_or(10);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
-        let daemon = Daemon::start_with_busybox().await;
+        // TCG_CACHE_MIB: the daemon's vm.tcg_translation_cache_mib.
+        let daemon = match std::env::var("TCG_CACHE_MIB") {
+            Ok(mib) => {
+                Daemon::start_with_busybox_vm(&format!("tcg_translation_cache_mib = {mib}")).await
+            }
+            Err(_) => Daemon::start_with_busybox().await,
+        };
         let mut cri = daemon.runtime().await;
         let logs = tempfile::tempdir().expect("log directory");
         let mut latencies = Vec::new();
@@ -141,20 +163,20 @@ fn main() {
         }
         // Let the guests settle (the agent idles) before reading memory.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        // Per pod: (all, guest RAM, everything but guest RAM) in KiB, and
-        // the non-guest part per process name.
+        // Per pod, and the non-guest part per process name.
         let mut pss = Vec::new();
         let mut by_process: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
         for id in &ids {
             let dir = daemon.run_dir().join(&id[..16]);
-            let (mut guest, mut other) = (0, 0);
+            let mut pod = Pss::default();
             for pid in processes_mentioning(&dir) {
-                let (g, o) = pss_kib(pid);
-                guest += g;
-                other += o;
-                by_process.entry(comm(pid)).or_default().push(o);
+                let p = pss_kib(pid);
+                pod.guest_ram += p.guest_ram;
+                pod.tcg += p.tcg;
+                pod.other += p.other;
+                by_process.entry(comm(pid)).or_default().push(p.tcg + p.other);
             }
-            pss.push((guest + other, guest, other));
+            pss.push(pod);
         }
         if let Some(path) = std::env::var_os("POD_START_DAEMON_LOG") {
             let mut log = daemon.log();
@@ -197,11 +219,12 @@ fn main() {
             v[v.len() / 2] / 1024
         };
         println!(
-            "host PSS per running pod with one idle container (the VM's processes): median {} MiB in all = {} MiB guest RAM the guest touched + {} MiB besides guest RAM (max {} MiB)",
-            median(pss.iter().map(|p| p.0).collect()),
-            median(pss.iter().map(|p| p.1).collect()),
-            median(pss.iter().map(|p| p.2).collect()),
-            pss.iter().map(|p| p.2).max().unwrap_or(0) / 1024,
+            "host PSS per running pod with one idle container (the VM's processes): median {} MiB in all = {} MiB guest RAM the guest touched + {} MiB besides guest RAM (max {} MiB), of which {} MiB TCG translation buffer",
+            median(pss.iter().map(|p| p.guest_ram + p.tcg + p.other).collect()),
+            median(pss.iter().map(|p| p.guest_ram).collect()),
+            median(pss.iter().map(|p| p.tcg + p.other).collect()),
+            pss.iter().map(|p| p.tcg + p.other).max().unwrap_or(0) / 1024,
+            median(pss.iter().map(|p| p.tcg).collect()),
         );
         for (process, kib) in by_process {
             println!("  besides guest RAM, {process}: median {} MiB", median(kib));

@@ -53,7 +53,22 @@ impl Daemon {
         Self::start_full(busybox, cni_conf_dir, "").await
     }
 
+    /// As [`Daemon::start_with_busybox`], with `vm_lines` (TOML key = value
+    /// lines) added to the config's `[vm]` table.
+    pub async fn start_with_busybox_vm(vm_lines: &str) -> Daemon {
+        Self::start_full_vm(true, None, "", vm_lines).await
+    }
+
     async fn start_full(busybox: bool, cni_conf_dir: Option<&Path>, extra: &str) -> Daemon {
+        Self::start_full_vm(busybox, cni_conf_dir, extra, "").await
+    }
+
+    async fn start_full_vm(
+        busybox: bool,
+        cni_conf_dir: Option<&Path>,
+        extra: &str,
+        vm_lines: &str,
+    ) -> Daemon {
         let artifacts = GuestArtifacts::locate();
         let dir = tempfile::Builder::new()
             .prefix("carapace-daemon-")
@@ -65,7 +80,7 @@ impl Daemon {
             &config,
             format!(
                 "socket = {:?}\nstate_dir = {:?}\nimage_dir = {:?}\ncontainers_dir = {:?}\nrun_dir = {:?}\ncgroup_root = {:?}\nlog_level = \"info,carapace=debug\"\n\
-                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n\
+                 [vm]\ndriver = \"qemu\"\nkernel = {:?}\ninitrd = {:?}\nboot_timeout_secs = 120\n{vm_lines}\n\
                  [network]\ncni_conf_dir = {:?}\nnetns_dir = {:?}\nrequired = {}\n{extra}\n",
                 socket,
                 dir.path().join("state"),

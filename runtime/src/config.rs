@@ -122,6 +122,9 @@ impl Default for NetworkConfig {
     }
 }
 
+/// See [`VmConfig::tcg_translation_cache_mib`].
+pub const DEFAULT_TCG_TRANSLATION_CACHE_MIB: u32 = 0;
+
 /// How pod VMs are built.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -142,6 +145,12 @@ pub struct VmConfig {
     pub max_vcpus: u8,
     /// How long a VM may take from start to its agent answering, in seconds.
     pub boot_timeout_secs: u64,
+    /// qemu driver under TCG only (no hardware KVM): the size of QEMU's
+    /// translated-code cache per VM, in MiB (`-accel tcg,tb-size=`); 0 is
+    /// QEMU's own default (1 GiB reserved, filled as the guest runs new
+    /// code). A cap bounds this part of each pod's host memory; code that
+    /// no longer fits makes QEMU flush the cache and translate again.
+    pub tcg_translation_cache_mib: u32,
 }
 
 impl Default for Config {
@@ -173,6 +182,7 @@ impl Default for VmConfig {
             overhead_mem_mib: 64,
             max_vcpus: 8,
             boot_timeout_secs: 60,
+            tcg_translation_cache_mib: DEFAULT_TCG_TRANSLATION_CACHE_MIB,
         }
     }
 }

@@ -179,7 +179,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let kvm = KvmKind::detect();
     let (kind, why) = DriverKind::pick(config.vm.driver, kvm).map_err(anyhow::Error::msg)?;
-    let driver = VmDriver::from_host(kind)?;
+    let driver = VmDriver::from_host(kind, &config.vm)?;
     tracing::info!("VM driver: {} ({why})", driver.describe());
     let store = Arc::new(ImageStore::open(&config.image_dir)?);
     for warning in store.load_warnings() {
@@ -239,7 +239,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         .clone()
         .map_err(VmError::InvalidSpec)
         .and_then(|(kind, why)| {
-            let driver = VmDriver::from_host(kind)?;
+            let driver = VmDriver::from_host(kind, &carapace::config::VmConfig::default())?;
             println!("driver:  {} ({why})", driver.describe());
             Ok(driver)
         });

@@ -80,9 +80,11 @@ impl DriverKind {
 
 impl VmDriver {
     /// Finds the tools of `kind` on this host.
-    pub fn from_host(kind: DriverKind) -> Result<Self, VmError> {
+    pub fn from_host(kind: DriverKind, config: &crate::config::VmConfig) -> Result<Self, VmError> {
         Ok(match kind {
-            DriverKind::Qemu => VmDriver::Qemu(qemu::QemuDriver::from_host()?),
+            DriverKind::Qemu => VmDriver::Qemu(
+                qemu::QemuDriver::from_host()?.with_tcg_cache_mib(config.tcg_translation_cache_mib),
+            ),
             DriverKind::Builtin => VmDriver::Builtin(builtin::BuiltinDriver::from_host()?),
         })
     }

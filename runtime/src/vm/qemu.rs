@@ -61,6 +61,8 @@ pub struct QemuDriver {
     vsock_backend: PathBuf,
     fs_backend: PathBuf,
     accel: Accel,
+    /// `tb-size` under TCG, in MiB; 0: QEMU's default.
+    tcg_cache_mib: u32,
 }
 
 impl QemuDriver {
@@ -74,7 +76,15 @@ impl QemuDriver {
                 .ok_or(VmError::MissingTool("vhost-device-vsock"))?,
             fs_backend: find_in_path("virtiofsd").ok_or(VmError::MissingTool("virtiofsd"))?,
             accel: Accel::for_host(KvmKind::detect()),
+            tcg_cache_mib: 0,
         })
+    }
+
+    /// Caps QEMU's translated-code cache under TCG (`-accel tcg,tb-size=`);
+    /// 0 leaves QEMU's default. No effect under KVM.
+    pub fn with_tcg_cache_mib(mut self, mib: u32) -> Self {
+        self.tcg_cache_mib = mib;
+        self
     }
 
     pub fn accel(&self) -> Accel {
@@ -85,9 +95,10 @@ impl QemuDriver {
     pub fn qemu_args(&self, spec: &VmSpec) -> Vec<String> {
         let vhost_socket = spec.run_dir.join(VHOST_VSOCK_SOCKET);
         let mem = spec.mem_mib;
-        let (accel, cpu) = match self.accel {
-            Accel::Kvm => ("kvm", "host"),
-            Accel::Tcg => ("tcg", "max"),
+        let (accel, cpu) = match (self.accel, self.tcg_cache_mib) {
+            (Accel::Kvm, _) => ("kvm".to_owned(), "host"),
+            (Accel::Tcg, 0) => ("tcg".to_owned(), "max"),
+            (Accel::Tcg, mib) => (format!("tcg,tb-size={mib}"), "max"),
         };
         let mut args: Vec<String> = [
             "-M",
@@ -95,7 +106,7 @@ impl QemuDriver {
             // the virtio-mmio devices on the kernel command line.
             "microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off",
             "-accel",
-            accel,
+            &accel,
             "-cpu",
             cpu,
             "-nodefaults",
@@ -272,7 +283,22 @@ mod tests {
             vsock_backend: "vdv".into(),
             fs_backend: "virtiofsd".into(),
             accel: Accel::Tcg,
+            tcg_cache_mib: 0,
         }
+    }
+
+    #[test]
+    fn tcg_translation_cache_is_capped_when_configured() {
+        let dir = Path::new("/run/vm1");
+        let args = driver()
+            .with_tcg_cache_mib(48)
+            .qemu_args(&spec(dir))
+            .join(" ");
+        assert!(args.contains("-accel tcg,tb-size=48 -cpu max"), "{args}");
+        let mut kvm = driver().with_tcg_cache_mib(48);
+        kvm.accel = Accel::Kvm;
+        let args = kvm.qemu_args(&spec(dir)).join(" ");
+        assert!(args.contains("-accel kvm -cpu host"), "{args}");
     }
 
     #[test]
