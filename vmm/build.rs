@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 /// The thread kinds the VMM installs filters for; every one must be in the JSON.
-const KINDS: [&str; 4] = ["vcpu", "vmm", "signals", "supervisor"];
+const KINDS: [&str; 5] = ["vcpu", "vmm", "signals", "watchdog", "supervisor"];
 
 fn main() {
     let json = "seccomp/x86_64.json";

@@ -20,6 +20,7 @@ use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{IrqLine, MmioTransport, VirtioDevice};
 use crate::devices::{Bus, BusError};
+use crate::seccomp::{self, ThreadKind};
 use crate::vmm::{VirtioSlot, Vmm};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{RunControl, Vcpu, VcpuError};
@@ -28,6 +29,9 @@ use crate::vstate::vm::{Vm, VmError};
 /// Errors building the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The embedded seccomp filter of a thread started while building.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -232,8 +236,15 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
         slots.push(slot);
         cmdline_extra.push(entry);
     }
+    // Each connection's watchdog thread filters itself; it starts here, before the event
+    // loop's own filter, so it does not inherit one.
+    let watchdog_filter = if cfg.seccomp && !cfg.fs.is_empty() {
+        Some(Arc::new(seccomp::filter(ThreadKind::Watchdog)?))
+    } else {
+        None
+    };
     for fs in &cfg.fs {
-        let dev = Fs::new(fs).map_err(|source| BuildError::Fs {
+        let dev = Fs::new(fs, watchdog_filter.clone()).map_err(|source| BuildError::Fs {
             tag: fs.tag.clone(),
             source,
         })?;

@@ -2,7 +2,8 @@
 //! `vmm/seccomp/x86_64.json`, compiled to BPF by `build.rs` and embedded in the binary (no
 //! JSON at run time), and installed by each thread on itself before it does its real work:
 //! a vCPU before its first `KVM_RUN`, the event loop before it serves anything, the signal
-//! thread before `sigwait`, the jail's supervisor before it waits for the VMM.
+//! thread before `sigwait`, a vhost-user watchdog before it waits for a deadline, the jail's
+//! supervisor before it waits for the VMM.
 //!
 //! A syscall outside the list traps (`SECCOMP_RET_TRAP`): our SIGSYS handler writes which
 //! thread kind made which syscall to stderr and ends the whole process with exit status
@@ -49,13 +50,22 @@ pub enum ThreadKind {
     Vmm,
     /// The `sigwait` thread that turns SIGTERM/SIGINT into a stop request.
     Signals,
+    /// A vhost-user connection's watchdog: cuts the connection of a backend that does not
+    /// answer in time.
+    Watchdog,
     /// The jail's outer process: forwards signals to the jailed VMM and reaps it.
     Supervisor,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [Self::Vcpu, Self::Vmm, Self::Signals, Self::Supervisor];
+    pub const ALL: [ThreadKind; 5] = [
+        Self::Vcpu,
+        Self::Vmm,
+        Self::Signals,
+        Self::Watchdog,
+        Self::Supervisor,
+    ];
 
     /// Its name in the JSON file.
     pub fn name(self) -> &'static str {
@@ -63,6 +73,7 @@ impl ThreadKind {
             Self::Vcpu => "vcpu",
             Self::Vmm => "vmm",
             Self::Signals => "signals",
+            Self::Watchdog => "watchdog",
             Self::Supervisor => "supervisor",
         }
     }
@@ -323,6 +334,22 @@ mod tests {
         assert_forbidden(ThreadKind::Signals, socket_unix);
         assert_forbidden(ThreadKind::Signals, openat);
         assert_forbidden(ThreadKind::Signals, wait4_nohang);
+    }
+
+    fn shutdown_on_bad_fd() {
+        // SAFETY: shutdown(2) of fd -1 fails with EBADF if allowed.
+        unsafe { libc::syscall(libc::SYS_shutdown, -1, libc::SHUT_RDWR) };
+    }
+
+    #[test]
+    fn watchdog_filter_may_cut_a_connection_and_nothing_more() {
+        assert_allowed(ThreadKind::Watchdog, shutdown_on_bad_fd);
+        assert_allowed(ThreadKind::Watchdog, data_mapping);
+        assert_forbidden(ThreadKind::Watchdog, socket_unix);
+        assert_forbidden(ThreadKind::Watchdog, openat);
+        assert_forbidden(ThreadKind::Watchdog, execve);
+        assert_forbidden(ThreadKind::Watchdog, exec_mapping);
+        assert_forbidden(ThreadKind::Signals, shutdown_on_bad_fd);
     }
 
     #[test]

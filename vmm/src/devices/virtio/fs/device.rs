@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use seccompiler::BpfProgram;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -67,14 +68,20 @@ fn setup_err(what: &'static str) -> impl FnOnce(std::io::Error) -> FsError {
 impl Fs {
     /// Connects to the backend of `cfg` and negotiates the session (see
     /// [`Connection::connect`]).
-    pub fn new(cfg: &FsConfig) -> Result<Self, FsError> {
-        Self::with_timeout(cfg, BACKEND_TIMEOUT)
+    /// `watchdog_filter`: the seccomp filter the connection's watchdog thread installs on
+    /// itself ([`ThreadKind::Watchdog`](crate::seccomp::ThreadKind); `None` with seccomp off).
+    pub fn new(cfg: &FsConfig, watchdog_filter: Option<Arc<BpfProgram>>) -> Result<Self, FsError> {
+        Self::with_timeout(cfg, BACKEND_TIMEOUT, watchdog_filter)
     }
 
     /// [`Self::new`] with another bound on each backend exchange.
-    pub fn with_timeout(cfg: &FsConfig, timeout: Duration) -> Result<Self, FsError> {
+    pub fn with_timeout(
+        cfg: &FsConfig,
+        timeout: Duration,
+        watchdog_filter: Option<Arc<BpfProgram>>,
+    ) -> Result<Self, FsError> {
         let num_queues = 1 + usize::from(cfg.num_request_queues);
-        let conn = Connection::connect(&cfg.socket, num_queues, timeout)?;
+        let conn = Connection::connect(&cfg.socket, num_queues, timeout, watchdog_filter)?;
         if conn.backend_features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(FsError::Unsupported(
                 "does not offer VIRTIO_F_VERSION_1".into(),

@@ -273,7 +273,7 @@ fn handshake_activation_and_reset_send_what_the_spec_asks() {
     // pages the queues use are touched.
     let mem = create_guest_memory(4 << 30).unwrap();
     assert_eq!(mem.num_regions(), 2);
-    let dev = Fs::new(&fs_config(&backend.socket, 1)).unwrap();
+    let dev = Fs::new(&fs_config(&backend.socket, 1), None).unwrap();
     let metrics = dev.metrics();
     assert_eq!(
         backend.codes(),
@@ -438,7 +438,7 @@ fn handshake_activation_and_reset_send_what_the_spec_asks() {
 fn backend_closing_mid_handshake_is_a_clean_error() {
     let mut backend = FakeBackend::start(Mode::CloseAfterFirst, 0, 0);
     let started = Instant::now();
-    let err = Fs::new(&fs_config(&backend.socket, 1)).unwrap_err();
+    let err = Fs::new(&fs_config(&backend.socket, 1), None).unwrap_err();
     assert!(matches!(err, FsError::Protocol { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2));
     backend.join();
@@ -447,7 +447,7 @@ fn backend_closing_mid_handshake_is_a_clean_error() {
 #[test]
 fn garbage_from_the_backend_is_a_clean_error() {
     let mut backend = FakeBackend::start(Mode::Garbage, 0, 0);
-    let err = Fs::new(&fs_config(&backend.socket, 1)).unwrap_err();
+    let err = Fs::new(&fs_config(&backend.socket, 1), None).unwrap_err();
     assert!(
         matches!(
             err,
@@ -463,10 +463,27 @@ fn garbage_from_the_backend_is_a_clean_error() {
 
 #[test]
 fn silent_backend_is_cut_off_by_the_watchdog() {
+    silent_backend_cut_off(None);
+}
+
+/// The same with the watchdog's seccomp filter installed on its thread: cutting the
+/// connection, logging it and the thread's exit need nothing the filter forbids (a
+/// forbidden syscall would end this whole test process with status 148).
+#[test]
+fn filtered_watchdog_cuts_off_a_silent_backend() {
+    let filter = crate::seccomp::filter(crate::seccomp::ThreadKind::Watchdog).unwrap();
+    silent_backend_cut_off(Some(std::sync::Arc::new(filter)));
+}
+
+fn silent_backend_cut_off(filter: Option<std::sync::Arc<seccompiler::BpfProgram>>) {
     let mut backend = FakeBackend::start(Mode::Silent, 0, 0);
     let started = Instant::now();
-    let err =
-        Fs::with_timeout(&fs_config(&backend.socket, 1), Duration::from_millis(300)).unwrap_err();
+    let err = Fs::with_timeout(
+        &fs_config(&backend.socket, 1),
+        Duration::from_millis(300),
+        filter,
+    )
+    .unwrap_err();
     assert!(
         matches!(
             err,
@@ -489,10 +506,10 @@ fn silent_backend_is_cut_off_by_the_watchdog() {
 #[test]
 fn backend_with_too_few_queues_or_no_socket_is_refused() {
     let backend = FakeBackend::start(Mode::Normal, PF_MQ, 2);
-    let err = Fs::new(&fs_config(&backend.socket, 2)).unwrap_err();
+    let err = Fs::new(&fs_config(&backend.socket, 2), None).unwrap_err();
     assert!(matches!(err, FsError::Unsupported(_)), "{err}");
     let missing = Path::new("/nonexistent/virtiofsd.sock");
-    let err = Fs::new(&fs_config(missing, 1)).unwrap_err();
+    let err = Fs::new(&fs_config(missing, 1), None).unwrap_err();
     assert!(matches!(err, FsError::Connect { .. }), "{err}");
 }
 
@@ -501,7 +518,7 @@ fn refused_setup_breaks_the_device_until_reset() {
     let mut backend = FakeBackend::start(Mode::Normal, PF_REPLY_ACK, 0);
     backend.refuse.store(SET_MEM_TABLE, Ordering::SeqCst);
     let mem = create_guest_memory(64 << 20).unwrap();
-    let dev = Fs::new(&fs_config(&backend.socket, 1)).unwrap();
+    let dev = Fs::new(&fs_config(&backend.socket, 1), None).unwrap();
     let metrics = dev.metrics();
     let mut t = transport(&mem, dev);
     let q0 = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 256);
@@ -524,7 +541,7 @@ fn refused_setup_breaks_the_device_until_reset() {
 fn backend_hang_up_while_active_asks_for_a_reset() {
     let mut backend = FakeBackend::start(Mode::Normal, PF_REPLY_ACK, 0);
     let mem = create_guest_memory(64 << 20).unwrap();
-    let dev = Fs::new(&fs_config(&backend.socket, 1)).unwrap();
+    let dev = Fs::new(&fs_config(&backend.socket, 1), None).unwrap();
     let metrics = dev.metrics();
     let mut t = transport(&mem, dev);
     let q0 = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 256);
@@ -566,7 +583,7 @@ impl VirtioInterrupt for FlakyInterrupt {
 fn every_counter_moves() {
     let backend = FakeBackend::start(Mode::Normal, PF_REPLY_ACK, 0);
     let mem = create_guest_memory(64 << 20).unwrap();
-    let mut dev = Fs::new(&fs_config(&backend.socket, 1)).unwrap();
+    let mut dev = Fs::new(&fs_config(&backend.socket, 1), None).unwrap();
     let metrics: Arc<FsMetrics> = dev.metrics();
     let kicks = [
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
@@ -757,7 +774,7 @@ fn fuse_init(
 fn virtiofsd_answers_fuse_init_through_our_rings_and_exits_when_we_go() {
     let mut daemon = Virtiofsd::start();
     let mem = create_guest_memory(64 << 20).unwrap();
-    let dev = Fs::new(&fs_config(&daemon.socket, 1)).unwrap();
+    let dev = Fs::new(&fs_config(&daemon.socket, 1), None).unwrap();
     let metrics = dev.metrics();
     let features = dev.avail_features();
     assert_ne!(features & (1 << VIRTIO_F_VERSION_1), 0);

@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use seccompiler::BpfProgram;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -23,6 +24,7 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{FsError, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::seccomp::{self, ThreadKind};
 
 /// Protocol features we use when the backend offers them: acknowledged requests (so every
 /// setup step is confirmed), the queue-count query, and a device reset on guest reset.
@@ -61,16 +63,43 @@ impl Drop for Armed<'_> {
 }
 
 impl Watchdog {
-    fn new(sock: UnixStream, timeout: Duration) -> Result<Self, FsError> {
+    /// Starts the watchdog thread, which installs `filter` (the watchdog's seccomp filter)
+    /// on itself before anything else; `None`: unfiltered (seccomp off).
+    fn new(
+        sock: UnixStream,
+        timeout: Duration,
+        filter: Option<Arc<BpfProgram>>,
+    ) -> Result<Self, FsError> {
         let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
         let theirs = shared.clone();
+        let (installed_tx, installed_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("vhost-user-watchdog".into())
-            .spawn(move || Self::watch(&theirs, &sock))
+            .spawn(move || {
+                let installed = match &filter {
+                    Some(f) => seccomp::apply(ThreadKind::Watchdog, f).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                };
+                let ok = installed.is_ok();
+                let _ = installed_tx.send(installed);
+                if ok {
+                    Self::watch(&theirs, &sock);
+                }
+            })
             .map_err(|source| FsError::Setup {
                 what: "the vhost-user watchdog thread",
                 source,
             })?;
+        let installed = installed_rx
+            .recv()
+            .unwrap_or_else(|_| Err("the thread ended before reporting".into()));
+        if let Err(e) = installed {
+            let _ = thread.join();
+            return Err(FsError::Setup {
+                what: "the vhost-user watchdog's seccomp filter",
+                source: std::io::Error::other(e),
+            });
+        }
         Ok(Self {
             shared,
             timeout,
@@ -181,14 +210,21 @@ impl Connection {
     /// Connects to `path` and does the session handshake: SET_OWNER, GET_FEATURES, and with
     /// protocol features GET/SET_PROTOCOL_FEATURES and GET_QUEUE_NUM (the backend must
     /// serve `num_queues` queues).
-    pub fn connect(path: &Path, num_queues: usize, timeout: Duration) -> Result<Self, FsError> {
+    ///
+    /// `filter` is the watchdog thread's seccomp filter (`None`: seccomp off).
+    pub fn connect(
+        path: &Path,
+        num_queues: usize,
+        timeout: Duration,
+        filter: Option<Arc<BpfProgram>>,
+    ) -> Result<Self, FsError> {
         let connect_err = |source| FsError::Connect {
             path: path.display().to_string(),
             source,
         };
         let stream = UnixStream::connect(path).map_err(connect_err)?;
         let sock = stream.try_clone().map_err(connect_err)?;
-        let watchdog = Watchdog::new(sock.try_clone().map_err(connect_err)?, timeout)?;
+        let watchdog = Watchdog::new(sock.try_clone().map_err(connect_err)?, timeout, filter)?;
         let mut conn = Self {
             frontend: Frontend::from_stream(stream, num_queues as u64),
             sock,
