@@ -185,6 +185,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for warning in store.load_warnings() {
         tracing::error!("image store: {warning}");
     }
+    // The image reference grammar is a regex compiled on first use (0.6 s in
+    // a debug build); pay for it here rather than in the first
+    // CreateContainer or PullImage.
+    let _ = carapace::image::reference::ImageRef::parse("registry.k8s.io/pause:3.10");
     let puller = Arc::new(Puller::new(store.clone(), config.registry.clone()));
     let images = CriImageService::new(puller);
     let sandboxes = Arc::new(Sandboxes::load(config.clone(), driver)?);

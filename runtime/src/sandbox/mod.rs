@@ -373,8 +373,16 @@ impl Sandboxes {
                 });
             }
         };
+        let setup_started = std::time::Instant::now();
         let files = match setup_guest(&agent, &new, guest_net).await {
-            Ok(files) => files,
+            Ok(files) => {
+                tracing::debug!(
+                    id,
+                    setup_ms = setup_started.elapsed().as_millis() as u64,
+                    "guest set up"
+                );
+                files
+            }
             Err(reason) => {
                 vm.stop().await;
                 cleanup(&run_dir);

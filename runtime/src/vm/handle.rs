@@ -132,6 +132,10 @@ impl StartedVm {
         self.ready
             .wait(timeout, || self.handle.is_running())
             .await?;
+        tracing::debug!(
+            since_start_ms = self.started_at.elapsed().as_millis() as u64,
+            "agent announced itself"
+        );
         let left = timeout
             .saturating_sub(start.elapsed())
             .max(Duration::from_secs(1));
