@@ -268,6 +268,27 @@ enum ParseOrInvalid {
 mod tests {
     use super::*;
 
+    /// docs/config.md shows the whole file with every default; it must parse
+    /// and be exactly the built-in defaults.
+    #[test]
+    fn documented_defaults_are_the_defaults() {
+        let doc = include_str!("../../docs/config.md");
+        let toml = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block in docs/config.md");
+        let documented = match Config::parse(toml) {
+            Ok(c) => c,
+            Err(ParseOrInvalid::Parse(e)) => panic!("docs/config.md: {e}"),
+            Err(ParseOrInvalid::Invalid(e)) => panic!("docs/config.md: {e}"),
+        };
+        assert_eq!(
+            format!("{documented:#?}"),
+            format!("{:#?}", Config::default())
+        );
+    }
+
     #[test]
     fn empty_file_gives_defaults() {
         let c = Config::parse("").ok().unwrap();
