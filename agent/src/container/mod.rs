@@ -446,7 +446,7 @@ impl Manager {
         let config = InitConfig {
             kind: InitKind::PodHolder,
             process: None,
-            username: None,
+            user: user::UserSource::Ids,
             cgroup_procs: None,
             join: Vec::new(),
             unshare: vec![Ns::Pid, Ns::Ipc],
@@ -469,7 +469,7 @@ impl Manager {
         &self,
         id: &str,
         spec_json: &str,
-        username: &str,
+        user: user::UserSource,
         pid_mode: NamespaceMode,
         ipc_mode: NamespaceMode,
         stdin: bool,
@@ -511,15 +511,7 @@ impl Manager {
             unshare.push(Ns::Cgroup);
         }
         let result = self
-            .spawn_container(
-                id,
-                &mut plan,
-                cgroup.clone(),
-                join,
-                unshare,
-                username,
-                stdin,
-            )
+            .spawn_container(id, &mut plan, cgroup.clone(), join, unshare, user, stdin)
             .await;
         let (pending, io) = match result {
             Ok(r) => r,
@@ -567,7 +559,7 @@ impl Manager {
         cgroup: Option<Arc<Cgroup>>,
         join: Vec<(Ns, PathBuf)>,
         unshare: Vec<Ns>,
-        username: &str,
+        user: user::UserSource,
         stdin: bool,
     ) -> Result<(Pending, ProcessIo)> {
         let terminal = plan.process.terminal().unwrap_or(false);
@@ -576,7 +568,7 @@ impl Manager {
         let config = InitConfig {
             kind: InitKind::Container(Box::new(plan.rootfs.clone())),
             process: Some(plan.process.clone()),
-            username: (!username.is_empty()).then(|| username.to_owned()),
+            user,
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_file()),
             join,
             unshare,
@@ -617,7 +609,7 @@ impl Manager {
         id: &str,
         exec_id: &str,
         process_json: &str,
-        username: &str,
+        user: user::UserSource,
         stdin: bool,
     ) -> Result<i32> {
         validate_id("exec id", exec_id)?;
@@ -660,7 +652,7 @@ impl Manager {
         let config = InitConfig {
             kind: InitKind::Exec,
             process: Some(process),
-            username: (!username.is_empty()).then(|| username.to_owned()),
+            user,
             cgroup_procs: c.cgroup.as_ref().map(|c| c.procs_file()),
             join,
             unshare: Vec::new(),
