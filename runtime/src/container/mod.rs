@@ -381,6 +381,7 @@ impl Containers {
             share_dir: share_root.join(&id),
             process_json: String::new(),
             username: String::new(),
+            gid_from_passwd: false,
             stop_signal: parse_signal(&resolved.record.config.stop_signal).unwrap_or(SIGTERM),
         };
         let pod = PodContext {
@@ -457,6 +458,7 @@ impl Containers {
                 pod_hostname: pod.hostname.clone(),
                 pod_sysctls: pod.sysctls.clone(),
             })?;
+            record.gid_from_passwd = request.gid_from_passwd;
             record.process_json = process_of(&request)?;
             record.username = request.username.clone();
             agent
