@@ -313,6 +313,7 @@ impl Containers {
                     hostname: sandbox.record.files.hostname.clone(),
                     resolv_conf: sandbox.record.files.resolv_conf.clone(),
                     hosts: sandbox.record.files.hosts.clone(),
+                    shm: sandbox.record.files.shm.clone(),
                 },
             )
         };

@@ -121,6 +121,9 @@ pub struct SandboxFiles {
     pub hostname: String,
     pub resolv_conf: String,
     pub hosts: String,
+    /// The pod's `/dev/shm` tmpfs, bound on the `/dev/shm` of containers in
+    /// the pod's IPC namespace (empty from an agent that makes none).
+    pub shm: String,
 }
 
 /// Everything [`agent_request`] needs.
@@ -311,7 +314,7 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
     } else {
         seccomp::profile(sc, &caps.bounding)?
     };
-    let (mounts, rootfs_propagation) = mounts::mounts(input, sc)?;
+    let (mounts, rootfs_propagation) = mounts::mounts(input, sc, ipc_mode)?;
     let (resources, oom_score_adj) =
         resources::resources(config.linux.as_ref().and_then(|l| l.resources.as_ref()))?;
 
