@@ -36,10 +36,15 @@
 //!   `/dev/...` one when `/dev` is supplied); then the supplied bind mounts
 //!   (`rbind`, `ro`/`rw`, `rprivate`/`rslave`/`rshared`) sorted by depth:
 //!   the CRI mounts and the pod's `/etc/hostname`, `/etc/hosts`,
-//!   `/etc/resolv.conf` (read-only with a read-only rootfs) unless a CRI
-//!   mount targets the same path. `rslave` makes the rootfs propagation
-//!   `rslave`, `rshared` makes it `rshared`. The agent adds the default
-//!   device nodes itself when `/dev` is a tmpfs.
+//!   `/etc/resolv.conf` (read-only with a read-only rootfs) and `/dev/shm`
+//!   unless a CRI mount targets the same path. `rslave` makes the rootfs
+//!   propagation `rslave`, `rshared` makes it `rshared`. The agent adds the
+//!   default device nodes itself when `/dev` is a tmpfs.
+//! - **/dev/shm**: the pod's, a 64 MiB tmpfs (mode 1777, `nosuid`, `nodev`,
+//!   `noexec`) the agent mounts in SetupSandbox, bound writable (also with
+//!   a read-only rootfs) with those flags repeated, for every container in
+//!   the pod's IPC namespace, so POSIX shared memory is shared between them
+//!   as System V IPC is.
 //! - **masked / read-only paths**: the CRI lists (kubelet sends them for
 //!   every non-privileged container); when CRI sends none, containerd's
 //!   `oci` defaults. (containerd 2 leaves them empty then, to honour
@@ -73,6 +78,11 @@
 //!   `kernel.sem`, `fs.mqueue.*`) are per IPC namespace, which the agent
 //!   creates after SetupSandbox, so they go into every container's
 //!   `linux.sysctl`.
+//! - **IPC `CONTAINER` mode** (kubelet never sends it) gets a new IPC
+//!   namespace and its own `/dev/shm` tmpfs (the default mount), where
+//!   containerd ignores the mode and joins the sandbox's namespace and
+//!   `/dev/shm` anyway. The containers of a pod whose agent answered no
+//!   `shm_path` (an agent older than the field) keep their own tmpfs too.
 //! - **seccomp**: see the `seccomp` submodule (RuntimeDefault is a table of
 //!   blocked syscalls modelled on Docker's and containerd's profiles;
 //!   Localhost profiles are read from the host in Docker/OCI format).
@@ -84,9 +94,6 @@
 //! - Host devices (`devices`, `CDI_devices`) are refused: they are not in
 //!   the VM. A privileged container does not get the guest's devices
 //!   either (containerd gives it the host's).
-//! - `/dev/shm` is a tmpfs per container, not the sandbox's shared one, so
-//!   POSIX shared memory is not shared between a pod's containers (System V
-//!   IPC is, through the pod IPC namespace).
 //! - AppArmor and SELinux settings are ignored: the guest kernel has
 //!   neither LSM, and the VM boundary is the isolation that matters.
 
