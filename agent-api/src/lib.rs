@@ -36,6 +36,11 @@ pub const PORT_FORWARD_API_VERSION: u32 = 3;
 /// Where the agent writes the pod's DNS and host files (SetupSandbox).
 pub const SANDBOX_FILES_DIR: &str = "/run/carapace/sandbox";
 
+/// Where the agent mounts the pod's `/dev/shm` (SetupSandbox): one tmpfs
+/// that every container in the pod's IPC namespace bind-mounts on its own
+/// `/dev/shm`, as containerd shares the sandbox's.
+pub const POD_SHM_DIR: &str = "/run/carapace/shm";
+
 /// Where the guest mounts the pod's shared directory (the virtio-fs share
 /// holding the containers' root filesystems and volumes). The runtime asks
 /// for it in SetupSandbox; relative `root.path`s are then relative to it.

@@ -1,11 +1,11 @@
 //! SetupSandbox: the pod-wide state of the guest (hostname, DNS and hosts
-//! files, virtio-fs shares, sysctls). Everything is validated before the
-//! first change.
+//! files, virtio-fs shares, the pod's `/dev/shm`, sysctls). Everything is
+//! validated before the first change.
 
 use std::path::{Path, PathBuf};
 
 use carapace_agent_api::v1::{SetupSandboxRequest, SetupSandboxResponse};
-use carapace_agent_api::SANDBOX_FILES_DIR;
+use carapace_agent_api::{POD_SHM_DIR, SANDBOX_FILES_DIR};
 use nix::mount::MsFlags;
 
 /// Errors of sandbox setup.
@@ -25,6 +25,8 @@ pub enum SandboxError {
         path: PathBuf,
         source: nix::Error,
     },
+    #[error("mounting the pod's /dev/shm tmpfs on {path}: {source}")]
+    ShmMount { path: PathBuf, source: nix::Error },
     #[error("setting the hostname: {0}")]
     Hostname(nix::Error),
 }
@@ -94,6 +96,40 @@ fn is_mount_point(path: &Path) -> bool {
         .any(|mp| mp == wanted)
 }
 
+/// The pod's `/dev/shm`: containerd's sandbox tmpfs (64 MiB, world-writable
+/// with the sticky bit, no set-id programs, devices or executables).
+const POD_SHM_FLAGS: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+const POD_SHM_OPTIONS: &str = "mode=1777,size=65536k";
+
+/// Mounts the pod's `/dev/shm` tmpfs on `path` (created if missing), unless
+/// something is mounted there already: a repeated SetupSandbox must not
+/// hide what the containers already share.
+fn mount_shm(path: &Path) -> Result<(), SandboxError> {
+    if is_mount_point(path) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).map_err(|source| SandboxError::Io {
+        op: "creating",
+        path: path.to_owned(),
+        source,
+    })?;
+    nix::mount::mount(
+        Some("shm"),
+        path,
+        Some("tmpfs"),
+        POD_SHM_FLAGS,
+        Some(POD_SHM_OPTIONS),
+    )
+    .map_err(|source| SandboxError::ShmMount {
+        path: path.to_owned(),
+        source,
+    })?;
+    tracing::info!("mounted the pod's /dev/shm on {}", path.display());
+    Ok(())
+}
+
 fn write_file(dir: &Path, name: &str, content: &str) -> Result<String, SandboxError> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -155,6 +191,8 @@ pub fn setup(req: &SetupSandboxRequest) -> Result<SetupSandboxResponse, SandboxE
         })?;
         tracing::info!("mounted virtio-fs {:?} on {}", fs.tag, path.display());
     }
+    mount_shm(Path::new(POD_SHM_DIR))?;
+    resp.shm_path = POD_SHM_DIR.to_owned();
     let mut keys: Vec<_> = req.sysctls.iter().collect();
     keys.sort();
     for (key, value) in keys {
@@ -192,6 +230,56 @@ mod tests {
         ] {
             assert!(validate_sysctl_key(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Detaches a test mount, also when the test fails.
+    struct Unmount<'a>(&'a Path);
+
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            while nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        }
+    }
+
+    /// The mountinfo lines of mounts on `path`.
+    fn mounts_on(path: &Path) -> Vec<String> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(&*path.to_string_lossy()))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn pod_shm_is_a_restricted_tmpfs_mounted_once() {
+        assert!(nix::unistd::geteuid().is_root(), "mount tests run as root");
+        let dir = tempfile::tempdir().unwrap();
+        let shm = dir.path().join("run/shm");
+        let _unmount = Unmount(&shm);
+        mount_shm(&shm).unwrap();
+        let lines = mounts_on(&shm);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        // Per-mount options, then (after " - ") type, source, super options.
+        let (mount, fs) = lines[0].split_once(" - ").unwrap();
+        let flags: Vec<&str> = mount.split(' ').nth(5).unwrap().split(',').collect();
+        for want in ["rw", "nosuid", "nodev", "noexec"] {
+            assert!(flags.contains(&want), "{want} missing: {}", lines[0]);
+        }
+        let fs: Vec<&str> = fs.split(' ').collect();
+        assert_eq!(&fs[..2], ["tmpfs", "shm"]);
+        let super_opts: Vec<&str> = fs[2].split(',').collect();
+        assert!(super_opts.contains(&"size=65536k"), "{}", lines[0]);
+        // (tmpfs does not list its default mode, 1777: stat tells.)
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&shm).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o1777);
+
+        // A second setup keeps the first tmpfs and what is in it.
+        std::fs::write(shm.join("x"), "shared").unwrap();
+        mount_shm(&shm).unwrap();
+        assert_eq!(mounts_on(&shm).len(), 1);
+        assert_eq!(std::fs::read_to_string(shm.join("x")).unwrap(), "shared");
     }
 
     #[test]

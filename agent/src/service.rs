@@ -23,6 +23,7 @@ use tokio::sync::broadcast;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
+use crate::container::user::UserSource;
 use crate::container::{ContainerError, Manager};
 
 use crate::listen::ListenAddr;
@@ -120,7 +121,7 @@ impl Agent for AgentService {
             .create(
                 &req.container_id,
                 &req.oci_spec_json,
-                &req.username,
+                UserSource::from_request(&req.username, req.gid_from_passwd),
                 pid_mode,
                 ipc_mode,
                 req.stdin,
@@ -154,7 +155,7 @@ impl Agent for AgentService {
                 &req.container_id,
                 &req.exec_id,
                 &req.oci_process_json,
-                &req.username,
+                UserSource::from_request(&req.username, req.gid_from_passwd),
                 req.stdin,
             )
             .await

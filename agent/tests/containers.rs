@@ -253,6 +253,89 @@ async fn username_is_resolved_from_the_containers_passwd() {
 }
 
 #[tokio::test]
+async fn numeric_user_takes_its_gid_from_the_containers_passwd() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nsvc:x:1234:2345:Svc:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        rootfs.join("etc/group"),
+        "root:x:0:\nsvc:x:2345:\nstaff:x:50:svc\n",
+    )
+    .unwrap();
+    // (container, uid, gid_from_passwd) -> Gid and Groups of the process.
+    let cases = [
+        ("passwd-gid", "1234", true, "2345", "50"),
+        // Without the flag the spec's gid stands (the groups still come
+        // from /etc/group, as runc adds them).
+        ("spec-gid", "1234", false, "0", "50"),
+        // A uid /etc/passwd does not know keeps the spec's gid.
+        ("no-entry", "4321", true, "0", ""),
+    ];
+    for (id, uid, gid_from_passwd, gid, groups) in cases {
+        let mut s = spec(&rootfs, &["cat", "/proc/self/status"]);
+        s["process"]["user"] = json!({"uid": uid.parse::<u32>().unwrap(), "gid": 0});
+        let req = CreateContainerRequest {
+            gid_from_passwd,
+            ..create_req(id, &s)
+        };
+        let (out, status) = run(&mut c, req).await;
+        assert_eq!(status.exit_code, 0, "{id}: {}", out.stderr());
+        let st = out.stdout();
+        let field = |name| {
+            status_field(&st, name)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(field("Uid"), [uid; 4], "{id}");
+        assert_eq!(field("Gid"), [gid; 4], "{id}");
+        assert_eq!(status_field(&st, "Groups"), groups, "{id}");
+        delete(&mut c, id).await;
+    }
+
+    // An exec asks for it the same way.
+    let mut s = spec(&rootfs, &["sleep", "1000"]);
+    s["process"]["user"] = json!({"uid": 1234, "gid": 0});
+    c.create_container(CreateContainerRequest {
+        gid_from_passwd: true,
+        ..create_req("srv", &s)
+    })
+    .await
+    .unwrap();
+    c.start_container(StartContainerRequest {
+        container_id: "srv".into(),
+    })
+    .await
+    .unwrap();
+    let process = json!({
+        "user": {"uid": 1234, "gid": 0},
+        "args": ["grep", "^Gid:", "/proc/self/status"],
+        "env": ["PATH=/bin"],
+        "cwd": "/"
+    });
+    c.exec_process(ExecProcessRequest {
+        container_id: "srv".into(),
+        exec_id: "e".into(),
+        oci_process_json: process.to_string(),
+        gid_from_passwd: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(wait(&mut c, "srv", "e").await.exit_code, 0);
+    let out = read_all(&mut c, "srv", "e").await.stdout();
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["Gid:", "2345", "2345", "2345", "2345"]
+    );
+    delete(&mut c, "srv").await;
+}
+
+#[tokio::test]
 async fn cwd_env_rlimits_hostname_and_oom_score_adj() {
     let agent = Agent::start();
     let mut c = agent.client().await;

@@ -5,14 +5,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use carapace_e2e::cri::{self, busybox, create, status, wait_state, BUSYBOX};
+use carapace_e2e::cri::{self, busybox, create, create_running, status, wait_state, BUSYBOX};
 use carapace_e2e::daemon::Daemon;
 use k8s_cri::v1::{
-    ContainerEventType, ContainerFilter, ContainerState, ContainerStatsRequest,
-    ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecSyncRequest, GetEventsRequest,
-    ImageSpec, ListContainersRequest, Mount, PodSandboxConfig, PodSandboxStatsRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, ReopenContainerLogRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerEventType, ContainerFilter, ContainerState, ContainerStatsRequest,
+    ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse,
+    GetEventsRequest, ImageSpec, Int64Value, LinuxContainerConfig, LinuxContainerSecurityContext,
+    ListContainersRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxStatsRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    ReopenContainerLogRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::Code;
 
@@ -670,4 +671,122 @@ async fn an_image_pulled_from_a_registry_runs_in_a_pod() {
         carapace_e2e::daemon::processes_mentioning(&daemon.run_dir()).is_empty(),
         "no VM process is left"
     );
+}
+
+/// `config` with the security context `sc`.
+fn secured(config: ContainerConfig, sc: LinuxContainerSecurityContext) -> ContainerConfig {
+    ContainerConfig {
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(sc),
+            ..Default::default()
+        }),
+        ..config
+    }
+}
+
+async fn exec(cri: &mut cri::Cri, id: &str, cmd: &[&str]) -> ExecSyncResponse {
+    cri.exec_sync(ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout: 30,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"))
+    .into_inner()
+}
+
+/// What containerd gives the containers of a pod and carapace must too:
+/// one `/dev/shm` for those in the pod's IPC namespace (the sandbox's
+/// 64 MiB tmpfs, so POSIX shared memory works between them), and a numeric
+/// user without a group running with its `/etc/passwd` gid.
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_dev_shm_is_shared_and_a_numeric_user_gets_its_passwd_gid() {
+    let daemon = Daemon::start_with_busybox().await;
+    let mut cri = daemon.runtime().await;
+    let logs = tempfile::tempdir().unwrap();
+    let pod_config = pod_config(logs.path());
+    let pod = cri::run_pod(&mut cri, &daemon, &pod_config).await;
+
+    // a and b share the pod's IPC namespace (CRI's default); b runs as the
+    // image's nobody by uid alone (65534; its passwd entry says gid
+    // 65534); c has an IPC namespace of its own.
+    let a = create_running(
+        &mut cri,
+        &pod,
+        busybox("shm-a", &["sleep", "100000"], ""),
+        &pod_config,
+    )
+    .await;
+    let b_config = secured(
+        busybox("shm-b", &["sh", "-c", "id; exec sleep 100000"], "b.log"),
+        LinuxContainerSecurityContext {
+            run_as_user: Some(Int64Value { value: 65534 }),
+            ..Default::default()
+        },
+    );
+    let b = create_running(&mut cri, &pod, b_config, &pod_config).await;
+    let c_config = secured(
+        busybox("shm-c", &["sleep", "100000"], ""),
+        LinuxContainerSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                ipc: NamespaceMode::Container as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let c = create_running(&mut cri, &pod, c_config, &pod_config).await;
+
+    // The user: the container's process and an exec alike.
+    let nobody = "uid=65534(nobody) gid=65534(nobody)";
+    let log = wait_log(&logs.path().join("b.log"), "uid=").await;
+    assert!(entries(&log, "stdout")[0].starts_with(nobody), "{log}");
+    let out = exec(&mut cri, &b, &["id"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(nobody),
+        "{out:?}"
+    );
+
+    // /dev/shm: written in a, read in b, and the other way round (b is not
+    // root: the tmpfs is world-writable).
+    let out = exec(&mut cri, &a, &["sh", "-c", "echo from-a > /dev/shm/x"]).await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let out = exec(&mut cri, &b, &["cat", "/dev/shm/x"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-a\n", "{out:?}");
+    let out = exec(&mut cri, &b, &["sh", "-c", "echo from-b > /dev/shm/y"]).await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let out = exec(&mut cri, &a, &["cat", "/dev/shm/y"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-b\n", "{out:?}");
+    // The pod's tmpfs, restricted as containerd's.
+    let out = exec(
+        &mut cri,
+        &b,
+        &["grep", " /dev/shm ", "/proc/self/mountinfo"],
+    )
+    .await;
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (mount, fs) = line.trim().split_once(" - ").expect("a /dev/shm mount");
+    let flags: Vec<&str> = mount.split(' ').nth(5).unwrap().split(',').collect();
+    for want in ["rw", "nosuid", "nodev", "noexec"] {
+        assert!(flags.contains(&want), "{want} missing: {line}");
+    }
+    assert!(
+        fs.starts_with("tmpfs ") && fs.contains("size=65536k"),
+        "{line}"
+    );
+
+    // c sees none of it: its /dev/shm is its own.
+    let out = exec(&mut cri, &c, &["ls", "-A", "/dev/shm"]).await;
+    assert_eq!(
+        (out.exit_code, out.stdout.as_slice()),
+        (0, &b""[..]),
+        "{out:?}"
+    );
+    let out = exec(&mut cri, &c, &["sh", "-c", "echo from-c > /dev/shm/x"]).await;
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let out = exec(&mut cri, &a, &["cat", "/dev/shm/x"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-a\n", "{out:?}");
+
+    cri::remove_pod(&mut cri, &pod).await;
+    assert!(mounts_under(daemon.dir()).is_empty());
 }

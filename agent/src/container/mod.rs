@@ -462,7 +462,7 @@ impl Manager {
         let config = InitConfig {
             kind: InitKind::PodHolder,
             process: None,
-            username: None,
+            user: user::UserSource::Ids,
             cgroup_procs: None,
             join: Vec::new(),
             unshare: vec![Ns::Pid, Ns::Ipc],
@@ -485,7 +485,7 @@ impl Manager {
         &self,
         id: &str,
         spec_json: &str,
-        username: &str,
+        user: user::UserSource,
         pid_mode: NamespaceMode,
         ipc_mode: NamespaceMode,
         stdin: bool,
@@ -527,15 +527,7 @@ impl Manager {
             unshare.push(Ns::Cgroup);
         }
         let result = self
-            .spawn_container(
-                id,
-                &mut plan,
-                cgroup.clone(),
-                join,
-                unshare,
-                username,
-                stdin,
-            )
+            .spawn_container(id, &mut plan, cgroup.clone(), join, unshare, user, stdin)
             .await;
         let (pending, io) = match result {
             Ok(r) => r,
@@ -583,7 +575,7 @@ impl Manager {
         cgroup: Option<Arc<Cgroup>>,
         join: Vec<(Ns, PathBuf)>,
         unshare: Vec<Ns>,
-        username: &str,
+        user: user::UserSource,
         stdin: bool,
     ) -> Result<(Pending, ProcessIo)> {
         let terminal = plan.process.terminal().unwrap_or(false);
@@ -592,7 +584,7 @@ impl Manager {
         let config = InitConfig {
             kind: InitKind::Container(Box::new(plan.rootfs.clone())),
             process: Some(plan.process.clone()),
-            username: (!username.is_empty()).then(|| username.to_owned()),
+            user,
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_file()),
             join,
             unshare,
@@ -633,7 +625,7 @@ impl Manager {
         id: &str,
         exec_id: &str,
         process_json: &str,
-        username: &str,
+        user: user::UserSource,
         stdin: bool,
     ) -> Result<i32> {
         validate_id("exec id", exec_id)?;
@@ -676,7 +668,7 @@ impl Manager {
         let config = InitConfig {
             kind: InitKind::Exec,
             process: Some(process),
-            username: (!username.is_empty()).then(|| username.to_owned()),
+            user,
             cgroup_procs: c.cgroup.as_ref().map(|c| c.procs_file()),
             join,
             unshare: Vec::new(),

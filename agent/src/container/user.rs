@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 /// Errors resolving a user.
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
@@ -79,29 +81,58 @@ pub struct ResolvedUser {
     pub home: Option<String>,
 }
 
-/// Resolves the process's user: `username` (when set) must exist in the
-/// container's /etc/passwd; otherwise the numeric uid/gid stand, and the
-/// passwd entry of that uid (if any) still gives the home directory and
+/// What decides the process's uid and primary gid, besides the numeric
+/// ids of its OCI `process.user` (a request's `username` and
+/// `gid_from_passwd`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserSource {
+    /// `process.user.uid` and `gid` as given.
+    #[default]
+    Ids,
+    /// `process.user.uid`, with the primary gid of its /etc/passwd entry
+    /// (`process.user.gid` when it has none): containerd's rule for a
+    /// numeric user without a group.
+    UidWithPasswdGid,
+    /// A user name that must exist in /etc/passwd: its uid and primary gid.
+    Name(String),
+}
+
+impl UserSource {
+    /// From a request's `username` (empty: none) and `gid_from_passwd`; a
+    /// name already brings its primary gid.
+    pub fn from_request(username: &str, gid_from_passwd: bool) -> UserSource {
+        if !username.is_empty() {
+            UserSource::Name(username.to_owned())
+        } else if gid_from_passwd {
+            UserSource::UidWithPasswdGid
+        } else {
+            UserSource::Ids
+        }
+    }
+}
+
+/// Resolves the process's user after `source`. Whatever decides the ids,
+/// the passwd entry of the final uid (if any) gives the home directory and
 /// the group memberships, as runc does.
 pub fn resolve(
     root: &Path,
-    username: Option<&str>,
+    source: &UserSource,
     uid: u32,
     gid: u32,
     additional_gids: &[u32],
 ) -> Result<ResolvedUser, UserError> {
     let passwd = parse_passwd(&read_optional(root, "/etc/passwd")?);
-    let entry = match username {
-        Some(name) => Some(
+    let entry = match source {
+        UserSource::Name(name) => Some(
             passwd
                 .iter()
-                .find(|e| e.name == name)
-                .ok_or_else(|| UserError::NotFound(name.to_owned()))?,
+                .find(|e| &e.name == name)
+                .ok_or_else(|| UserError::NotFound(name.clone()))?,
         ),
-        None => passwd.iter().find(|e| e.uid == uid),
+        UserSource::Ids | UserSource::UidWithPasswdGid => passwd.iter().find(|e| e.uid == uid),
     };
-    let (uid, gid) = match (username, entry) {
-        (Some(_), Some(e)) => (e.uid, e.gid),
+    let (uid, gid) = match (source, entry) {
+        (UserSource::Name(_) | UserSource::UidWithPasswdGid, Some(e)) => (e.uid, e.gid),
         _ => (uid, gid),
     };
     let mut groups = additional_gids.to_vec();
@@ -161,10 +192,14 @@ mod tests {
         dir
     }
 
+    fn name(n: &str) -> UserSource {
+        UserSource::Name(n.into())
+    }
+
     #[test]
     fn resolves_username_with_groups_and_home() {
         let root = root_with(PASSWD, GROUP);
-        let user = resolve(root.path(), Some("app"), 0, 0, &[5]).unwrap();
+        let user = resolve(root.path(), &name("app"), 0, 0, &[5]).unwrap();
         assert_eq!(
             user,
             ResolvedUser {
@@ -179,22 +214,57 @@ mod tests {
     #[test]
     fn numeric_user_keeps_ids_and_finds_home() {
         let root = root_with(PASSWD, GROUP);
-        let user = resolve(root.path(), None, 1000, 7, &[]).unwrap();
+        let user = resolve(root.path(), &UserSource::Ids, 1000, 7, &[]).unwrap();
         assert_eq!((user.uid, user.gid), (1000, 7));
         assert_eq!(user.home.as_deref(), Some("/home/app"));
-        let unknown = resolve(root.path(), None, 4242, 4242, &[]).unwrap();
+        let unknown = resolve(root.path(), &UserSource::Ids, 4242, 4242, &[]).unwrap();
         assert_eq!(unknown.home, None);
         assert!(unknown.groups.is_empty());
     }
 
     #[test]
+    fn numeric_user_can_take_its_gid_from_passwd() {
+        let root = root_with(PASSWD, GROUP);
+        let source = UserSource::UidWithPasswdGid;
+        let user = resolve(root.path(), &source, 1000, 0, &[5]).unwrap();
+        assert_eq!(
+            user,
+            ResolvedUser {
+                uid: 1000,
+                gid: 1001,
+                groups: vec![5, 10, 999],
+                home: Some("/home/app".into())
+            }
+        );
+        // No entry for the uid, or no /etc/passwd at all: the given gid.
+        let unknown = resolve(root.path(), &source, 4242, 0, &[]).unwrap();
+        assert_eq!((unknown.uid, unknown.gid), (4242, 0));
+        assert!(unknown.groups.is_empty());
+        let empty = tempfile::tempdir().unwrap();
+        let bare = resolve(empty.path(), &source, 1000, 0, &[]).unwrap();
+        assert_eq!((bare.uid, bare.gid, bare.home), (1000, 0, None));
+    }
+
+    #[test]
+    fn user_source_from_a_request() {
+        assert_eq!(UserSource::from_request("", false), UserSource::Ids);
+        assert_eq!(
+            UserSource::from_request("", true),
+            UserSource::UidWithPasswdGid
+        );
+        for flag in [false, true] {
+            assert_eq!(UserSource::from_request("app", flag), name("app"));
+        }
+    }
+
+    #[test]
     fn unknown_username_is_an_error_naming_the_user() {
         let root = root_with(PASSWD, GROUP);
-        let err = resolve(root.path(), Some("ghost"), 0, 0, &[]).unwrap_err();
+        let err = resolve(root.path(), &name("ghost"), 0, 0, &[]).unwrap_err();
         assert!(err.to_string().contains("\"ghost\""), "{err}");
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(
-            resolve(empty.path(), Some("root"), 0, 0, &[]),
+            resolve(empty.path(), &name("root"), 0, 0, &[]),
             Err(UserError::NotFound(_))
         ));
     }

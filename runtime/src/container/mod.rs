@@ -313,6 +313,7 @@ impl Containers {
                     hostname: sandbox.record.files.hostname.clone(),
                     resolv_conf: sandbox.record.files.resolv_conf.clone(),
                     hosts: sandbox.record.files.hosts.clone(),
+                    shm: sandbox.record.files.shm.clone(),
                 },
             )
         };
@@ -381,6 +382,7 @@ impl Containers {
             share_dir: share_root.join(&id),
             process_json: String::new(),
             username: String::new(),
+            gid_from_passwd: false,
             stop_signal: parse_signal(&resolved.record.config.stop_signal).unwrap_or(SIGTERM),
         };
         let pod = PodContext {
@@ -458,6 +460,7 @@ impl Containers {
                 pod_hostname: pod.hostname.clone(),
                 pod_sysctls: pod.sysctls.clone(),
             })?;
+            record.gid_from_passwd = request.gid_from_passwd;
             record.process_json = process_of(&request)?;
             record.username = request.username.clone();
             let host_ms = began.elapsed().as_millis() as u64;

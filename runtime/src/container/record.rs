@@ -63,6 +63,10 @@ pub struct ContainerRecord {
     /// The user name the agent resolves, when the spec named one.
     #[serde(default)]
     pub username: String,
+    /// Whether the agent takes the gid from the container's /etc/passwd
+    /// (a numeric user without a group); execs ask for the same.
+    #[serde(default)]
+    pub gid_from_passwd: bool,
     /// The signal that stops it (the image's StopSignal), as a number.
     pub stop_signal: u32,
 }

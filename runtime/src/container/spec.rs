@@ -16,12 +16,14 @@
 //! - **cwd**: `working_dir`, else the image's WorkingDir, else `/`.
 //! - **user**: `run_as_username` or `run_as_user` (+ `run_as_group`), else
 //!   the image's User (`uid`, `uid:gid`, `name`); a name is resolved by
-//!   the agent in the container's `/etc/passwd`; `supplemental_groups`
-//!   become additional gids (sorted, deduplicated). Not yet expressible to
-//!   the agent, so refused: a user name with an explicit group, a group
-//!   name, `supplemental_groups_policy: Strict`. A numeric uid without a
-//!   group runs with gid 0, where containerd takes the gid of the uid's
-//!   `/etc/passwd` entry.
+//!   the agent in the container's `/etc/passwd`, and so is the gid of a
+//!   numeric uid without a group (`gid_from_passwd`: the gid of the uid's
+//!   entry, 0 without one; no user at all is 0:0, looked up nowhere);
+//!   `supplemental_groups` become additional gids (sorted, deduplicated),
+//!   and the agent adds the user's `/etc/group` memberships. The host never
+//!   reads the image's `/etc/passwd` (its symlinks are the image's). Not
+//!   yet expressible to the agent, so refused: a user name with an explicit
+//!   group, a group name, `supplemental_groups_policy: Strict`.
 //! - **capabilities**: containerd's 14 defaults, then `add` (`ALL` first),
 //!   then `drop` (`ALL` first); bounding = effective = permitted, for root
 //!   and non-root alike (as containerd, unlike Docker, does); inheritable
@@ -34,10 +36,15 @@
 //!   `/dev/...` one when `/dev` is supplied); then the supplied bind mounts
 //!   (`rbind`, `ro`/`rw`, `rprivate`/`rslave`/`rshared`) sorted by depth:
 //!   the CRI mounts and the pod's `/etc/hostname`, `/etc/hosts`,
-//!   `/etc/resolv.conf` (read-only with a read-only rootfs) unless a CRI
-//!   mount targets the same path. `rslave` makes the rootfs propagation
-//!   `rslave`, `rshared` makes it `rshared`. The agent adds the default
-//!   device nodes itself when `/dev` is a tmpfs.
+//!   `/etc/resolv.conf` (read-only with a read-only rootfs) and `/dev/shm`
+//!   unless a CRI mount targets the same path. `rslave` makes the rootfs
+//!   propagation `rslave`, `rshared` makes it `rshared`. The agent adds the
+//!   default device nodes itself when `/dev` is a tmpfs.
+//! - **/dev/shm**: the pod's, a 64 MiB tmpfs (mode 1777, `nosuid`, `nodev`,
+//!   `noexec`) the agent mounts in SetupSandbox, bound writable (also with
+//!   a read-only rootfs) with those flags repeated, for every container in
+//!   the pod's IPC namespace, so POSIX shared memory is shared between them
+//!   as System V IPC is.
 //! - **masked / read-only paths**: the CRI lists (kubelet sends them for
 //!   every non-privileged container); when CRI sends none, containerd's
 //!   `oci` defaults. (containerd 2 leaves them empty then, to honour
@@ -71,6 +78,11 @@
 //!   `kernel.sem`, `fs.mqueue.*`) are per IPC namespace, which the agent
 //!   creates after SetupSandbox, so they go into every container's
 //!   `linux.sysctl`.
+//! - **IPC `CONTAINER` mode** (kubelet never sends it) gets a new IPC
+//!   namespace and its own `/dev/shm` tmpfs (the default mount), where
+//!   containerd ignores the mode and joins the sandbox's namespace and
+//!   `/dev/shm` anyway. The containers of a pod whose agent answered no
+//!   `shm_path` (an agent older than the field) keep their own tmpfs too.
 //! - **seccomp**: see the `seccomp` submodule (RuntimeDefault is a table of
 //!   blocked syscalls modelled on Docker's and containerd's profiles;
 //!   Localhost profiles are read from the host in Docker/OCI format).
@@ -82,9 +94,6 @@
 //! - Host devices (`devices`, `CDI_devices`) are refused: they are not in
 //!   the VM. A privileged container does not get the guest's devices
 //!   either (containerd gives it the host's).
-//! - `/dev/shm` is a tmpfs per container, not the sandbox's shared one, so
-//!   POSIX shared memory is not shared between a pod's containers (System V
-//!   IPC is, through the pod IPC namespace).
 //! - AppArmor and SELinux settings are ignored: the guest kernel has
 //!   neither LSM, and the VM boundary is the isolation that matters.
 
@@ -119,6 +128,9 @@ pub struct SandboxFiles {
     pub hostname: String,
     pub resolv_conf: String,
     pub hosts: String,
+    /// The pod's `/dev/shm` tmpfs, bound on the `/dev/shm` of containers in
+    /// the pod's IPC namespace (empty from an agent that makes none).
+    pub shm: String,
 }
 
 /// Everything [`agent_request`] needs.
@@ -309,7 +321,7 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
     } else {
         seccomp::profile(sc, &caps.bounding)?
     };
-    let (mounts, rootfs_propagation) = mounts::mounts(input, sc)?;
+    let (mounts, rootfs_propagation) = mounts::mounts(input, sc, ipc_mode)?;
     let (resources, oom_score_adj) =
         resources::resources(config.linux.as_ref().and_then(|l| l.resources.as_ref()))?;
 
@@ -394,6 +406,7 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
         container_id: input.container_id.to_owned(),
         oci_spec_json,
         username: user.username.unwrap_or_default(),
+        gid_from_passwd: user.gid_from_passwd,
         pid_mode: pid_mode as i32,
         ipc_mode: ipc_mode as i32,
         stdin: config.stdin,

@@ -119,7 +119,7 @@ impl Containers {
             return Err(ContainerError::InvalidArgument("exec cmd is empty".into()));
         }
         let entry = self.entry(id)?;
-        let (sandbox_id, process_json, username) = {
+        let (sandbox_id, process_json, username, gid_from_passwd) = {
             let r = entry.record.lock().await;
             if r.state != ContainerState::Running {
                 return Err(ContainerError::FailedPrecondition(format!(
@@ -130,6 +130,7 @@ impl Containers {
                 r.sandbox_id.clone(),
                 r.process_json.clone(),
                 r.username.clone(),
+                r.gid_from_passwd,
             )
         };
         let mut process: serde_json::Value =
@@ -153,6 +154,7 @@ impl Containers {
                 exec_id: exec_id.clone(),
                 oci_process_json: process.to_string(),
                 username,
+                gid_from_passwd,
                 stdin: spec.stdin,
             })
             .await

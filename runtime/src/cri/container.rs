@@ -341,6 +341,7 @@ mod tests {
             share_dir: "/s".into(),
             process_json: "{}".into(),
             username: String::new(),
+            gid_from_passwd: false,
             stop_signal: 15,
         }
     }

@@ -603,6 +603,7 @@ async fn setup_guest(
         hostname: reply.hostname_path,
         resolv_conf: reply.resolv_conf_path,
         hosts: reply.hosts_path,
+        shm: reply.shm_path,
     })
 }
 

@@ -79,11 +79,16 @@ impl SandboxRecord {
     }
 }
 
-/// Guest paths of the pod's hostname, resolv.conf and hosts files (empty
-/// when the agent wrote none), as the agent's SetupSandbox answered.
+/// Guest paths of the pod's hostname, resolv.conf and hosts files and of
+/// its `/dev/shm` (empty when the agent made none), as the agent's
+/// SetupSandbox answered.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxFiles {
     pub hostname: String,
     pub resolv_conf: String,
     pub hosts: String,
+    /// Empty in the records of pods whose agent predates it: their
+    /// containers keep a `/dev/shm` of their own.
+    #[serde(default)]
+    pub shm: String,
 }

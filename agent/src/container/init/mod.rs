@@ -95,7 +95,8 @@ pub enum InitKind {
 pub struct InitConfig {
     pub kind: InitKind,
     pub process: Option<oci_spec::runtime::Process>,
-    pub username: Option<String>,
+    /// What decides the process's uid and gid besides `process.user`.
+    pub user: super::user::UserSource,
     /// The cgroup.procs file to join first (the child inherits it).
     pub cgroup_procs: Option<PathBuf>,
     /// Namespaces to enter, in order, before unsharing.
@@ -240,7 +241,7 @@ fn child(sync: &mut File, config: InitConfig) -> Result<i32, InitError> {
     let mut warnings = Vec::new();
     let prepared = process::prepare(
         &process,
-        config.username.as_deref(),
+        &config.user,
         config.seccomp.as_ref(),
         &mut warnings,
     )?;

@@ -140,7 +140,7 @@ fn caps_err(set: &'static str) -> impl FnOnce(caps::errors::CapsError) -> Proces
 /// after pivot_root (so `/etc/passwd` is the container's).
 pub fn prepare(
     p: &Process,
-    username: Option<&str>,
+    user_source: &user::UserSource,
     seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
     warnings: &mut Vec<String>,
 ) -> Result<Prepared, ProcessError> {
@@ -167,7 +167,7 @@ pub fn prepare(
     let u = p.user();
     let resolved = user::resolve(
         Path::new("/"),
-        username,
+        user_source,
         u.uid(),
         u.gid(),
         u.additional_gids().as_deref().unwrap_or(&[]),

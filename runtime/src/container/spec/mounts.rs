@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use carapace_agent_api::v1::NamespaceMode;
 use k8s_cri::v1 as cri;
 use serde_json::{json, Value};
 
@@ -42,6 +43,8 @@ struct BindMount {
     source: String,
     readonly: bool,
     propagation: &'static str,
+    /// Flags the bind must have whatever its source's.
+    flags: &'static [&'static str],
 }
 
 /// The default mounts (containerd's, without /run, with cgroup2).
@@ -69,6 +72,7 @@ fn default_mounts(privileged: bool) -> Vec<Value> {
 pub(super) fn mounts(
     input: &SpecInput,
     sc: &cri::LinuxContainerSecurityContext,
+    ipc_mode: NamespaceMode,
 ) -> Result<(Vec<Value>, Option<&'static str>), SpecError> {
     let mut binds = Vec::new();
     for (i, m) in input.mounts.iter().enumerate() {
@@ -96,6 +100,7 @@ pub(super) fn mounts(
             source,
             readonly: m.readonly,
             propagation,
+            flags: &[],
         });
     }
     let files = &input.sandbox_files;
@@ -113,6 +118,21 @@ pub(super) fn mounts(
             source,
             readonly: sc.readonly_rootfs,
             propagation: "rprivate",
+            flags: &[],
+        });
+    }
+    // The pod's /dev/shm for a container in the pod's IPC namespace, so
+    // that POSIX shared memory is shared as System V IPC is (containerd
+    // binds the sandbox's, writable even with a read-only rootfs). A
+    // container with an IPC namespace of its own keeps the default tmpfs.
+    let shm_supplied = binds.iter().any(|b| b.destination == "/dev/shm");
+    if ipc_mode == NamespaceMode::Pod && !files.shm.is_empty() && !shm_supplied {
+        binds.push(BindMount {
+            destination: "/dev/shm".to_owned(),
+            source: clean_path("sandbox /dev/shm", &files.shm)?,
+            readonly: false,
+            propagation: "rprivate",
+            flags: &["nosuid", "nodev", "noexec"],
         });
     }
     // Parents before children, so that no mount hides another.
@@ -134,11 +154,14 @@ pub(super) fn mounts(
             "rslave" if rootfs_propagation.is_none() => rootfs_propagation = Some("rslave"),
             _ => {}
         }
+        let mut options = vec!["rbind", b.propagation];
+        options.extend(b.flags);
+        options.push(if b.readonly { "ro" } else { "rw" });
         out.push(json!({
             "destination": b.destination,
             "type": "bind",
             "source": b.source,
-            "options": ["rbind", b.propagation, if b.readonly { "ro" } else { "rw" }],
+            "options": options,
         }));
     }
     Ok((out, rootfs_propagation))

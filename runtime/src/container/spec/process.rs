@@ -139,6 +139,9 @@ pub(super) struct ProcessUser {
     pub uid: u32,
     pub gid: u32,
     pub username: Option<String>,
+    /// A numeric uid without a group: the agent takes the gid from the
+    /// uid's entry in the container's /etc/passwd (`gid`, 0, without one).
+    pub gid_from_passwd: bool,
     pub additional_gids: Vec<u32>,
 }
 
@@ -197,19 +200,21 @@ pub(super) fn user(
     } else if run_as_group.is_some() {
         return Err(invalid(GID, "needs run_as_user or run_as_username"));
     } else if image.user.is_empty() {
-        (IMAGE, Id::Number(0), None)
+        // No user at all is root with gid 0, looked up nowhere.
+        (IMAGE, Id::Number(0), Some(Id::Number(0)))
     } else {
         match image.user.split_once(':') {
             Some((u, g)) => (IMAGE, parse_id(IMAGE, u)?, Some(parse_id(IMAGE, g)?)),
             None => (IMAGE, parse_id(IMAGE, &image.user)?, None),
         }
     };
-    // A numeric uid alone runs with gid 0 (containerd would take the gid
-    // of the uid's /etc/passwd entry; the agent has no way to ask for it).
-    let (uid, gid, username) = match (user, group) {
-        (Id::Number(uid), None) => (uid, 0, None),
-        (Id::Number(uid), Some(Id::Number(gid))) => (uid, gid, None),
-        (Id::Name(name), None) => (0, 0, Some(name)),
+    // A numeric uid alone takes the gid of its /etc/passwd entry, 0 without
+    // one (containerd's `WithUserID`); the agent reads the container's
+    // passwd, which the host must not (its symlinks are the image's).
+    let (uid, gid, username, gid_from_passwd) = match (user, group) {
+        (Id::Number(uid), None) => (uid, 0, None, true),
+        (Id::Number(uid), Some(Id::Number(gid))) => (uid, gid, None, false),
+        (Id::Name(name), None) => (0, 0, Some(name), false),
         (Id::Name(name), Some(Id::Number(gid))) => {
             return Err(unsupported(
                 field,
@@ -246,6 +251,7 @@ pub(super) fn user(
         uid,
         gid,
         username,
+        gid_from_passwd,
         additional_gids: additional_gids.into_iter().collect(),
     })
 }

@@ -37,7 +37,7 @@ fn default_mounts_and_sandbox_files() {
     inp.sandbox_files = SandboxFiles {
         hostname: "/run/carapace/sandbox/hostname".into(),
         resolv_conf: "/run/carapace/sandbox/resolv.conf".into(),
-        hosts: String::new(),
+        ..Default::default()
     };
     let (_, spec) = request(&inp);
     assert_eq!(
@@ -70,6 +70,7 @@ fn default_mounts_and_sandbox_files() {
         hostname: "/s/hostname".into(),
         resolv_conf: "/s/resolv.conf".into(),
         hosts: "/s/hosts".into(),
+        ..Default::default()
     };
     inp.mounts = vec![mount_with("/etc/hosts", "/kubelet/etc-hosts", false, 0)];
     let (_, spec) = request(&inp);
@@ -134,6 +135,89 @@ fn cri_mounts_bind_with_their_flags_in_depth_order() {
         destinations(&spec),
         ["/proc", "/sys", "/sys/fs/cgroup", "/dev"]
     );
+}
+
+fn with_ipc(ipc: cri::NamespaceMode, readonly_rootfs: bool) -> cri::ContainerConfig {
+    with_sc(|sc| {
+        sc.readonly_rootfs = readonly_rootfs;
+        sc.namespace_options = Some(NamespaceOption {
+            ipc: ipc as i32,
+            ..Default::default()
+        })
+    })
+}
+
+fn shm_mounts(spec: &Value) -> Vec<&Value> {
+    spec["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["destination"] == "/dev/shm")
+        .collect()
+}
+
+#[test]
+fn dev_shm_is_the_pods_in_the_pod_ipc_namespace() {
+    let img = image();
+    let pod_shm = SandboxFiles {
+        shm: "/run/carapace/shm".into(),
+        ..Default::default()
+    };
+    // Pod IPC mode (CRI's default, what kubelet sends), read-only rootfs or
+    // not: the pod's tmpfs, bound writable with its restrictions.
+    for readonly in [false, true] {
+        let c = with_ipc(cri::NamespaceMode::Pod, readonly);
+        let mut inp = input(&c, &img);
+        inp.sandbox_files = pod_shm.clone();
+        let (req, spec) = request(&inp);
+        assert_eq!(req.ipc_mode, NamespaceMode::Pod as i32);
+        let shm = shm_mounts(&spec);
+        assert_eq!(shm.len(), 1, "{shm:?}");
+        assert_eq!(shm[0]["type"], "bind");
+        assert_eq!(shm[0]["source"], "/run/carapace/shm");
+        assert_eq!(
+            strings(&shm[0]["options"]),
+            ["rbind", "rprivate", "nosuid", "nodev", "noexec", "rw"]
+        );
+        // After the /dev tmpfs it lands on.
+        let dests = destinations(&spec);
+        let pos = |d: &str| dests.iter().position(|x| x == d).unwrap();
+        assert!(pos("/dev") < pos("/dev/shm"), "{dests:?}");
+    }
+    let c = config();
+    let mut inp = input(&c, &img);
+    inp.sandbox_files = pod_shm.clone();
+    assert_eq!(shm_mounts(&request(&inp).1)[0]["type"], "bind");
+
+    // An IPC namespace of its own: a tmpfs of its own.
+    let tmpfs = |spec: &Value| {
+        let shm = shm_mounts(spec);
+        assert_eq!(shm.len(), 1, "{shm:?}");
+        assert_eq!(shm[0]["type"], "tmpfs");
+        assert!(strings(&shm[0]["options"]).contains(&"size=65536k".to_owned()));
+    };
+    let c = with_ipc(cri::NamespaceMode::Container, false);
+    let mut inp = input(&c, &img);
+    inp.sandbox_files = pod_shm.clone();
+    let (req, spec) = request(&inp);
+    assert_eq!(req.ipc_mode, NamespaceMode::Container as i32);
+    tmpfs(&spec);
+    // An agent that made no pod /dev/shm: a tmpfs per container, as before.
+    let c = with_ipc(cri::NamespaceMode::Pod, false);
+    tmpfs(&request(&input(&c, &img)).1);
+    // A CRI mount of /dev/shm wins (containerd's `isInCRIMounts`).
+    let mut inp = input(&c, &img);
+    inp.sandbox_files = pod_shm.clone();
+    inp.mounts = vec![mount_with("/dev/shm", "/guest/big-shm", false, 0)];
+    let (_, spec) = request(&inp);
+    let shm = shm_mounts(&spec);
+    assert_eq!(shm.len(), 1, "{shm:?}");
+    assert_eq!(shm[0]["source"], "/guest/big-shm");
+    // A path the agent would not answer is refused.
+    inp.mounts.clear();
+    inp.sandbox_files.shm = "run/shm".into();
+    let err = agent_request(&inp).unwrap_err().to_string();
+    assert!(err.starts_with("sandbox /dev/shm:"), "{err}");
 }
 
 #[test]

@@ -166,7 +166,16 @@ fn ids(uid: u32, gid: u32, username: Option<&str>) -> ProcessUser {
         uid,
         gid,
         username: username.map(str::to_owned),
+        gid_from_passwd: false,
         additional_gids: Vec::new(),
+    }
+}
+
+/// A numeric uid without a group: the agent takes the gid from passwd.
+fn uid_only(uid: u32) -> ProcessUser {
+    ProcessUser {
+        gid_from_passwd: true,
+        ..ids(uid, 0, None)
     }
 }
 
@@ -174,7 +183,8 @@ fn ids(uid: u32, gid: u32, username: Option<&str>) -> ProcessUser {
 fn image_user_strings() {
     let c = config();
     assert_eq!(user_of(&c, "").unwrap(), ids(0, 0, None));
-    assert_eq!(user_of(&c, "1000").unwrap(), ids(1000, 0, None));
+    assert_eq!(user_of(&c, "1000").unwrap(), uid_only(1000));
+    assert_eq!(user_of(&c, "0").unwrap(), uid_only(0));
     assert_eq!(user_of(&c, "1000:2000").unwrap(), ids(1000, 2000, None));
     assert_eq!(user_of(&c, "nginx").unwrap(), ids(0, 0, Some("nginx")));
     // What the agent cannot express yet is refused, not approximated.
@@ -198,7 +208,8 @@ fn image_user_strings() {
 #[test]
 fn cri_user_overrides_the_image() {
     let c = with_sc(|sc| sc.run_as_user = Some(Int64Value { value: 1001 }));
-    assert_eq!(user_of(&c, "nginx:101").unwrap(), ids(1001, 0, None));
+    // The image's group goes with the image's user.
+    assert_eq!(user_of(&c, "nginx:101").unwrap(), uid_only(1001));
     let c = with_sc(|sc| {
         sc.run_as_user = Some(Int64Value { value: 1001 });
         sc.run_as_group = Some(Int64Value { value: 3000 });
@@ -251,13 +262,33 @@ fn user_lands_in_spec_and_request() {
         json!({"uid": 1001, "gid": 3000, "additionalGids": [7]})
     );
     assert_eq!(req.username, "");
+    assert!(!req.gid_from_passwd);
     let img = ImageConfig {
         user: "nginx".into(),
         ..image()
     };
     let (req, spec) = request(&input(&config(), &img));
     assert_eq!(req.username, "nginx");
+    assert!(!req.gid_from_passwd);
     assert_eq!(spec["process"]["user"]["uid"], 0);
+
+    // A uid alone: gid 0 in the spec, and the agent asked to replace it
+    // with the gid of the uid's /etc/passwd entry.
+    let c = with_sc(|sc| sc.run_as_user = Some(Int64Value { value: 1234 }));
+    let (req, spec) = request(&input(&c, &image()));
+    assert_eq!(
+        spec["process"]["user"],
+        json!({"uid": 1234, "gid": 0, "additionalGids": []})
+    );
+    assert_eq!(req.username, "");
+    assert!(req.gid_from_passwd);
+    // No user anywhere: root with gid 0, nothing to look up.
+    let (req, spec) = request(&input(&config(), &image()));
+    assert_eq!(
+        spec["process"]["user"],
+        json!({"uid": 0, "gid": 0, "additionalGids": []})
+    );
+    assert!(!req.gid_from_passwd);
 }
 
 #[test]
