@@ -11,7 +11,8 @@
 //! that traffic crosses the VM both ways (the node pings the pod and reads from a server in
 //! it; the pod pings its gateway; 1 MiB each way over TCP, md5 compared; the VMM's net
 //! device counts the frames), and that StopPodSandbox + RemovePodSandbox leave nothing:
-//! no namespace, veth, reservation, VMM, virtiofsd or VM directory.
+//! no namespace, veth, reservation, VMM, virtiofsd or VM directory. `carapace check` on the
+//! node shows that `vm.driver = "auto"` picks the builtin driver there (hardware KVM).
 //! Run with `cargo nextest run -p carapace-e2e --test node_pod_net`.
 
 use std::path::{Path, PathBuf};
@@ -80,6 +81,11 @@ driver = "builtin"
 kernel = "/guest/vmlinux"
 initrd = "/guest/initramfs.cpio"
 CONFIG
+# What the default driver choice makes of this node's hardware KVM.
+carapace check --kernel /guest/vmlinux --initrd /guest/initramfs.cpio >/run/c/check.out 2>&1
+echo "@@check $?"
+sed 's/^/check| /' /run/c/check.out
+echo "@@check-driver $(sed -n 's/^driver: *//p' /run/c/check.out)"
 carapace import --config /run/c/config.toml /busybox >/run/c/import.log 2>&1
 echo "@@import $?"
 sed 's/^/import| /' /run/c/import.log
@@ -204,6 +210,12 @@ fn node_pod_network_through_cni_with_the_builtin_driver() {
     }
     println!("node ran {:.1?}", out.elapsed);
     out.check(out.try_get("error").is_none(), "every module loads");
+    out.check(out.get("check") == "0", "carapace check passes on the node");
+    let auto = out.get("check-driver");
+    out.check(
+        auto.starts_with("builtin ") && auto.contains("(auto: host has hardware KVM"),
+        &format!("vm.driver = \"auto\" picks the builtin driver on the node: {auto:?}"),
+    );
     out.check(out.get("import") == "0", "the busybox layout imports");
     out.check(
         out.try_get("driver") == Some("builtin"),
