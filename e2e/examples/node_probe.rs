@@ -19,6 +19,16 @@
 //!     a pod lifecycle through CRI as kubelet drives it: RunPodSandbox, a busybox container
 //!     (CreateContainer, StartContainer) whose first line reaches its CRI log, ExecSync into
 //!     it, StopPodSandbox, RemovePodSandbox; prints `@@cri-<step> ok` or `@@cri-<step> error ...`
+//! node_probe pod-run <cri.sock> <log_dir> <name> <script>
+//!     RunPodSandbox, then a busybox container running `sh -c <script>` (CreateContainer,
+//!     StartContainer); prints `@@pod-id`, `@@ctr-id` and `@@pod-ip` (PodSandboxStatus), or
+//!     `@@pod-run error ...`
+//! node_probe exec <cri.sock> <container> <script>
+//!     ExecSync `sh -c <script>` (60 s timeout): its stdout and stderr on ours, its exit code
+//!     as ours (125 if the call itself fails)
+//! node_probe pod-rm <cri.sock> <pod>
+//!     StopPodSandbox, RemovePodSandbox; prints `@@pod-stop` and `@@pod-remove`, `ok` or
+//!     `error ...`
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
@@ -31,7 +41,7 @@ use carapace::agent_client::AgentClient;
 use carapace::agent_ready::ReadyListener;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: node_probe health <uds> <timeout_ms> | api <socket> <json> | boot <uds> <timeout_ms> <program> [args...] | cri <cri.sock> <log_dir>");
+    eprintln!("usage: node_probe health <uds> <timeout_ms> | api <socket> <json> | boot <uds> <timeout_ms> <program> [args...] | cri <cri.sock> <log_dir> | pod-run <cri.sock> <log_dir> <name> <script> | exec <cri.sock> <container> <script> | pod-rm <cri.sock> <pod>");
     ExitCode::from(2)
 }
 
@@ -326,6 +336,127 @@ fn cri(socket: &Path, log_dir: &Path) -> bool {
     })
 }
 
+/// A pod with one busybox container running `script` (see the module comment).
+fn pod_run(socket: &Path, log_dir: &Path, name: &str, script: &str) -> bool {
+    use carapace_e2e::cri::{busybox, pod_config};
+    use k8s_cri::v1::{
+        CreateContainerRequest, PodSandboxStatusRequest, RunPodSandboxRequest,
+        StartContainerRequest,
+    };
+    let run = async {
+        let mut cri = carapace::demo::connect(socket)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let config = pod_config(name, log_dir);
+        let pod = cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .map_err(|e| format!("RunPodSandbox: {e}"))?
+            .into_inner()
+            .pod_sandbox_id;
+        result("pod-id", &pod);
+        let ctr = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(busybox(name, &["sh", "-c", script], &format!("{name}.log"))),
+                sandbox_config: Some(config),
+            })
+            .await
+            .map_err(|e| format!("CreateContainer: {e}"))?
+            .into_inner()
+            .container_id;
+        cri.start_container(StartContainerRequest {
+            container_id: ctr.clone(),
+        })
+        .await
+        .map_err(|e| format!("StartContainer: {e}"))?;
+        result("ctr-id", &ctr);
+        let ip = cri
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod,
+                verbose: false,
+            })
+            .await
+            .map_err(|e| format!("PodSandboxStatus: {e}"))?
+            .into_inner()
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default();
+        result("pod-ip", ip);
+        Ok::<_, String>(())
+    };
+    match runtime().block_on(run) {
+        Ok(()) => true,
+        Err(e) => {
+            result("pod-run", format!("error {e}"));
+            false
+        }
+    }
+}
+
+/// ExecSync into `container`; the process's output becomes ours, its exit code is returned.
+fn exec(socket: &Path, container: &str, script: &str) -> u8 {
+    use k8s_cri::v1::ExecSyncRequest;
+    let run = async {
+        let mut cri = carapace::demo::connect(socket)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        cri.exec_sync(ExecSyncRequest {
+            container_id: container.into(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: 60,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|e| format!("ExecSync: {e}"))
+    };
+    match runtime().block_on(run) {
+        Ok(r) => {
+            let _ = std::io::stdout().write_all(&r.stdout);
+            let _ = std::io::stderr().write_all(&r.stderr);
+            u8::try_from(r.exit_code).unwrap_or(255)
+        }
+        Err(e) => {
+            eprintln!("node_probe exec: {e}");
+            125
+        }
+    }
+}
+
+/// StopPodSandbox and RemovePodSandbox, as kubelet ends a pod.
+fn pod_rm(socket: &Path, pod: &str) -> bool {
+    use k8s_cri::v1::{RemovePodSandboxRequest, StopPodSandboxRequest};
+    runtime().block_on(async {
+        let mut cri = match carapace::demo::connect(socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                result("pod-stop", format!("error {e:#}"));
+                return false;
+            }
+        };
+        let stop = cri
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await;
+        let remove = cri
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await;
+        let mut ok = true;
+        for (key, r) in [("pod-stop", stop.err()), ("pod-remove", remove.err())] {
+            ok &= r.is_none();
+            result(key, r.map_or_else(|| "ok".into(), |e| format!("error {e}")));
+        }
+        ok
+    })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let ms = |s: &String| s.parse::<u64>().ok().map(Duration::from_millis);
@@ -336,6 +467,13 @@ fn main() -> ExitCode {
         },
         [cmd, socket, request] if cmd == "api" => api(Path::new(socket), request),
         [cmd, socket, log_dir] if cmd == "cri" => cri(Path::new(socket), Path::new(log_dir)),
+        [cmd, socket, log_dir, name, script] if cmd == "pod-run" => {
+            pod_run(Path::new(socket), Path::new(log_dir), name, script)
+        }
+        [cmd, socket, container, script] if cmd == "exec" => {
+            return ExitCode::from(exec(Path::new(socket), container, script))
+        }
+        [cmd, socket, pod] if cmd == "pod-rm" => pod_rm(Path::new(socket), pod),
         [cmd, uds, port, wait] if cmd == "raw" => match (port.parse(), ms(wait)) {
             (Ok(p), Some(w)) => raw(Path::new(uds), p, w),
             _ => return usage(),

@@ -53,9 +53,9 @@ pub enum DriverKind {
 
 impl DriverKind {
     /// The driver for `choice` on a host with `kvm`, and why; an error when
-    /// the choice cannot work here. `auto` stays with QEMU even on hardware
-    /// KVM until pods through the builtin VMM have their end-to-end test
-    /// (docs/vmm.md); `builtin` must be asked for.
+    /// the choice cannot work here. `auto` takes our own VMM wherever it can
+    /// run (hardware KVM: pods through it, their network included, are
+    /// proven end to end in the test node, docs/vmm.md) and QEMU elsewhere.
     pub fn pick(choice: DriverChoice, kvm: KvmKind) -> Result<(Self, String), String> {
         match (choice, kvm) {
             (DriverChoice::Qemu, _) => Ok((DriverKind::Qemu, format!("configured; host has {}", kvm.describe()))),
@@ -67,8 +67,8 @@ impl DriverKind {
                 kvm.describe()
             )),
             (DriverChoice::Auto, KvmKind::Hardware) => Ok((
-                DriverKind::Qemu,
-                "auto: host has hardware KVM; the builtin VMM is used only when configured (vm.driver = \"builtin\") until pods through it have their end-to-end test".into(),
+                DriverKind::Builtin,
+                format!("auto: host has {}, which the builtin VMM needs", kvm.describe()),
             )),
             (DriverChoice::Auto, _) => Ok((
                 DriverKind::Qemu,
@@ -188,7 +188,7 @@ mod tests {
         assert_eq!(pick(Qemu, KvmKind::Hardware), Ok(DriverKind::Qemu));
         assert_eq!(pick(Qemu, KvmKind::Pvm), Ok(DriverKind::Qemu));
         assert_eq!(pick(Builtin, KvmKind::Hardware), Ok(DriverKind::Builtin));
-        assert_eq!(pick(Auto, KvmKind::Hardware), Ok(DriverKind::Qemu));
+        assert_eq!(pick(Auto, KvmKind::Hardware), Ok(DriverKind::Builtin));
         assert_eq!(pick(Auto, KvmKind::Pvm), Ok(DriverKind::Qemu));
         assert_eq!(pick(Auto, KvmKind::None), Ok(DriverKind::Qemu));
         for kvm in [KvmKind::Pvm, KvmKind::None] {
@@ -199,6 +199,11 @@ mod tests {
             );
         }
         let (_, why) = DriverKind::pick(Auto, KvmKind::Pvm).unwrap();
-        assert!(why.contains("PVM"), "{why}");
+        assert!(why.contains("PVM") && why.starts_with("auto:"), "{why}");
+        let (_, why) = DriverKind::pick(Auto, KvmKind::Hardware).unwrap();
+        assert!(
+            why.starts_with("auto:") && why.contains("hardware KVM"),
+            "{why}"
+        );
     }
 }
