@@ -579,6 +579,20 @@ impl NodeOutput {
     pub fn check(&self, cond: bool, what: &str) {
         assert!(cond, "{what}\n--- node console ---\n{}", self.console);
     }
+
+    /// Asserts that a file of `bytes` bytes crossed intact: the `@@<sent>` and
+    /// `@@<received>` lines are `<md5sum> <byte count>` of the file on either side.
+    pub fn check_transfer(&self, sent: &str, received: &str, bytes: u64, what: &str) {
+        let made = self.get(sent);
+        self.check(
+            made.ends_with(&format!(" {bytes}")),
+            &format!("{what}: {bytes} bytes were made"),
+        );
+        self.check(
+            self.get(received) == made,
+            &format!("{what}: received intact"),
+        );
+    }
 }
 
 /// A guest initramfs holding busybox and `init` (a busybox `sh` script), for node tests whose

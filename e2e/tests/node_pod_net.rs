@@ -277,17 +277,17 @@ fn node_pod_network_through_cni_with_the_builtin_driver() {
         out.try_get("pod-ping") == Some("ok"),
         "the pod pings its gateway",
     );
-    let down = out.get("down-sent");
-    out.check(down.ends_with(" 1048576"), "the node made 1 MiB");
-    out.check(
-        out.get("down-received") == down,
-        "the pod received the node's 1 MiB intact",
+    out.check_transfer(
+        "down-sent",
+        "down-received",
+        1 << 20,
+        "1 MiB from the node to the pod",
     );
-    let up = out.get("up-sent");
-    out.check(up.ends_with(" 1048576"), "the pod made 1 MiB");
-    out.check(
-        out.get("up-received") == up,
-        "the node received the pod's 1 MiB intact",
+    out.check_transfer(
+        "up-sent",
+        "up-received",
+        1 << 20,
+        "1 MiB from the pod to the node",
     );
     let metrics = out.get("api");
     let json: serde_json::Value = serde_json::from_str(metrics)

@@ -104,17 +104,17 @@ echo "@@tap_after_exit $(ls /sys/class/net | grep -c tap0)"
     );
     out.check(out.get("guest_ping") == "ok", "the guest pings the node");
     out.check(out.get("node_ping") == "ok", "the node pings the guest");
-    let node_down = out.get("node_down");
-    out.check(node_down.ends_with(" 2097152"), "the node made 2 MiB");
-    out.check(
-        out.get("guest_down") == node_down,
-        "the guest received the node's file intact",
+    out.check_transfer(
+        "node_down",
+        "guest_down",
+        2 << 20,
+        "2 MiB from the node to the guest",
     );
-    let guest_up = out.get("guest_up");
-    out.check(guest_up.ends_with(" 2097152"), "the guest made 2 MiB");
-    out.check(
-        out.get("node_up") == guest_up,
-        "the node received the guest's file intact",
+    out.check_transfer(
+        "guest_up",
+        "node_up",
+        2 << 20,
+        "2 MiB from the guest to the node",
     );
     out.check(
         out.get("guest_msg") == "hello-from-the-node",
