@@ -71,12 +71,26 @@ pub fn add(path: &Path, pid: u32) -> Result<(), CgroupError> {
     })
 }
 
-/// Removes the cgroup (its processes must have exited). Idempotent.
+/// Removes the cgroup (its processes must have exited). Idempotent. A
+/// process killed a moment ago may still be leaving it (`EBUSY`): retried
+/// for up to two seconds.
 pub fn remove(path: &Path) {
-    match std::fs::remove_dir(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %path.display(), "removing the pod VM's cgroup: {e}"),
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "removing the pod VM's cgroup: {e}");
+                return;
+            }
+        }
     }
 }
 

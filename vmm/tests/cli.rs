@@ -38,9 +38,17 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Waits until `path` exists and, for a socket, accepts connections (its file appears at
+/// `bind`, a moment before `listen`).
 fn wait_for(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
+    let ready = |p: &Path| match std::fs::symlink_metadata(p) {
+        Ok(m) if m.file_type().is_socket() => std::os::unix::net::UnixStream::connect(p).is_ok(),
+        Ok(_) => true,
+        Err(_) => false,
+    };
+    while !ready(path) {
         assert!(
             Instant::now() < deadline,
             "{} never appeared",
