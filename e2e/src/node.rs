@@ -580,6 +580,19 @@ impl NodeOutput {
         assert!(cond, "{what}\n--- node console ---\n{}", self.console);
     }
 
+    /// The VMM's metrics printed as `@@<key> <json>` (its control API's answer): the
+    /// entry of the first device of virtio type `device_type`; panics if there is none.
+    pub fn vmm_device(&self, key: &str, device_type: u64) -> serde_json::Value {
+        let metrics = self.get(key);
+        let json: serde_json::Value = serde_json::from_str(metrics)
+            .unwrap_or_else(|e| panic!("metrics are not JSON ({e}): {metrics}"));
+        json["devices"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["type"] == device_type))
+            .cloned()
+            .unwrap_or_else(|| panic!("no device of type {device_type} in the metrics: {metrics}"))
+    }
+
     /// Asserts that a file of `bytes` bytes crossed intact: the `@@<sent>` and
     /// `@@<received>` lines are `<md5sum> <byte count>` of the file on either side.
     pub fn check_transfer(&self, sent: &str, received: &str, bytes: u64, what: &str) {

@@ -289,13 +289,7 @@ fn node_pod_network_through_cni_with_the_builtin_driver() {
         1 << 20,
         "1 MiB from the pod to the node",
     );
-    let metrics = out.get("api");
-    let json: serde_json::Value = serde_json::from_str(metrics)
-        .unwrap_or_else(|e| panic!("metrics are not JSON ({e}): {metrics}"));
-    let net = json["devices"]
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["type"] == 1))
-        .unwrap_or_else(|| panic!("no net device in the VMM's metrics: {metrics}"));
+    let net = out.vmm_device("api", 1);
     let c = &net["counters"];
     println!("pod VM's net device counters: {c}");
     for key in ["rx_bytes", "tx_bytes"] {

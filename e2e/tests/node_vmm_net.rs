@@ -120,13 +120,7 @@ echo "@@tap_after_exit $(ls /sys/class/net | grep -c tap0)"
         out.get("guest_msg") == "hello-from-the-node",
         "the node connected to the guest",
     );
-    let metrics = out.get("api");
-    let json: serde_json::Value = serde_json::from_str(metrics)
-        .unwrap_or_else(|e| panic!("metrics are not JSON ({e}): {metrics}"));
-    let net = json["devices"]
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["type"] == 1))
-        .unwrap_or_else(|| panic!("no net device in the metrics: {metrics}"));
+    let net = out.vmm_device("api", 1);
     out.check(net["activated"] == true, "the net device is activated");
     let c = &net["counters"];
     eprintln!("net device counters after the transfers: {c}");
