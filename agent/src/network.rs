@@ -51,6 +51,13 @@ fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     Ok((addr, len))
 }
 
+/// The six bytes of a MAC that `parse_mac` accepted.
+fn mac_bytes(mac: &str) -> Vec<u8> {
+    mac.split(':')
+        .filter_map(|p| u8::from_str_radix(p, 16).ok())
+        .collect()
+}
+
 fn parse_mac(s: &str) -> Result<String, String> {
     let parts: Vec<&str> = s.split(':').collect();
     let ok = parts.len() == 6
@@ -70,6 +77,9 @@ pub fn validate(interfaces: &[NetworkInterface], routes: &[Route]) -> Result<(),
     let invalid = NetworkError::Invalid;
     for i in interfaces {
         parse_mac(&i.mac).map_err(invalid)?;
+        if !i.device_mac.is_empty() {
+            parse_mac(&i.device_mac).map_err(invalid)?;
+        }
         if i.mtu != 0 && !(68..=65535).contains(&i.mtu) {
             return Err(invalid(format!("MTU {} out of range", i.mtu)));
         }
@@ -113,6 +123,15 @@ fn index_by_mac(mac: &str) -> Result<u32, NetworkError> {
     Err(NetworkError::NoInterface(mac.to_owned()))
 }
 
+/// The MAC the guest device has now: `device_mac` when given, else `mac`.
+fn device_mac(i: &NetworkInterface) -> String {
+    if i.device_mac.is_empty() {
+        i.mac.to_ascii_lowercase()
+    } else {
+        i.device_mac.to_ascii_lowercase()
+    }
+}
+
 /// Applies a validated request: `lo` up, then each interface (MTU, up,
 /// addresses), then the routes (through the first interface).
 pub async fn configure(
@@ -122,7 +141,7 @@ pub async fn configure(
     validate(interfaces, routes)?;
     let indices = interfaces
         .iter()
-        .map(|i| index_by_mac(&i.mac.to_ascii_lowercase()))
+        .map(|i| index_by_mac(&device_mac(i)))
         .collect::<Result<Vec<_>, _>>()?;
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Socket)?;
     let task = tokio::spawn(connection);
@@ -146,6 +165,24 @@ async fn apply(
         .await
         .map_err(netlink("bringing lo up".into()))?;
     for (iface, &index) in interfaces.iter().zip(indices) {
+        let mac = iface.mac.to_ascii_lowercase();
+        if device_mac(iface) != mac {
+            // Before the link goes up: virtio-net takes a new address while
+            // down without asking the device (or through its control queue).
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .address(mac_bytes(&mac))
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(netlink(format!(
+                    "giving the interface {} its MAC {mac}",
+                    device_mac(iface)
+                )))?;
+        }
         let mut link = LinkUnspec::new_with_index(index).up();
         if iface.mtu != 0 {
             link = link.mtu(iface.mtu);
@@ -220,6 +257,7 @@ mod tests {
             mac: mac.into(),
             mtu,
             addresses: addrs.iter().map(|a| a.to_string()).collect(),
+            device_mac: String::new(),
         }
     }
 
@@ -261,6 +299,13 @@ mod tests {
             (vec![ok()], vec![route("0.0.0.0/0", "fd00::1")]),
             (vec![ok()], vec![route("default", "")]),
             (vec![], vec![route("0.0.0.0/0", "")]),
+            (
+                vec![NetworkInterface {
+                    device_mac: "0a:58:0a:00:00".into(),
+                    ..ok()
+                }],
+                vec![],
+            ),
         ];
         for (i, r) in bad {
             assert!(
@@ -268,5 +313,18 @@ mod tests {
                 "{i:?} {r:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_device_is_found_by_its_current_mac() {
+        let mut i = iface("0A:58:0a:00:00:05", 0, &[]);
+        assert_eq!(device_mac(&i), "0a:58:0a:00:00:05");
+        i.device_mac = "02:CA:00:00:00:01".into();
+        assert_eq!(device_mac(&i), "02:ca:00:00:00:01");
+        assert!(validate(&[i], &[]).is_ok());
+        assert_eq!(
+            mac_bytes("0a:58:0a:00:00:ff"),
+            vec![0x0a, 0x58, 0x0a, 0, 0, 0xff]
+        );
     }
 }

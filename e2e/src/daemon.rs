@@ -59,6 +59,16 @@ impl Daemon {
         Self::start_full_vm(true, None, "", vm_lines).await
     }
 
+    /// As [`Daemon::start_with_network`], with `vm_lines` added to the
+    /// config's `[vm]` table.
+    pub async fn start_with_network_vm(
+        busybox: bool,
+        cni_conf_dir: Option<&Path>,
+        vm_lines: &str,
+    ) -> Daemon {
+        Self::start_full_vm(busybox, cni_conf_dir, "", vm_lines).await
+    }
+
     async fn start_full(busybox: bool, cni_conf_dir: Option<&Path>, extra: &str) -> Daemon {
         Self::start_full_vm(busybox, cni_conf_dir, extra, "").await
     }
@@ -196,6 +206,27 @@ impl Daemon {
     /// again on the same state.
     pub async fn restart(&mut self) {
         self.terminate();
+        self.spawn().await;
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it to exit (pod VMs keep
+    /// running); [`Daemon::start_again`] brings it back.
+    pub fn stop(&mut self) {
+        self.terminate();
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same state after [`Daemon::stop`] or
+    /// [`Daemon::kill`].
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the daemon still runs");
         self.spawn().await;
     }
 

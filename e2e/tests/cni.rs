@@ -410,3 +410,163 @@ async fn pods_reach_each_other_and_the_node_reaches_them() {
         .args(["link", "del", BRIDGE])
         .status();
 }
+
+/// The ids of the warm VMs on record and whether each has its processes
+/// recorded yet (`vm`), from the daemon's `state/warm`.
+fn warm_vms(daemon: &Daemon) -> Vec<(String, bool)> {
+    let Ok(entries) = std::fs::read_dir(daemon.state_dir().join("warm")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(".json")?.to_owned();
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            Some((id, !record["vm"].is_null()))
+        })
+        .collect()
+}
+
+/// Waits until the daemon has a ready warm VM other than `not`: its record
+/// is there and the log says its agent answered. Returns its id.
+async fn ready_warm_vm(daemon: &Daemon, not: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let log = daemon.log();
+        let ready = warm_vms(daemon).into_iter().find(|(id, has_vm)| {
+            *has_vm
+                && !not.contains(&id.as_str())
+                && log
+                    .lines()
+                    .any(|l| l.contains("warm VM ready") && l.contains(id.as_str()))
+        });
+        if let Some((id, _)) = ready {
+            return id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warm VM became ready: {:?}\n{log}",
+            warm_vms(daemon)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until no process has `dir` on its command line.
+async fn gone(dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !carapace_e2e::daemon::processes_mentioning(dir).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes of {} still run",
+            dir.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// `vm.warm_pool = 1`: a pod without limits gets the VM booted ahead for it,
+/// with its network joined afterwards (the guest interface takes eth0's
+/// MAC and the pod IP, and the node reaches it); a replacement boots; a pod
+/// with limits boots its own VM. Warm VMs go when the daemon stops, and
+/// those of a daemon that crashed are removed by the next one.
+#[tokio::test]
+async fn warm_vms_become_pods_and_never_outlive_the_daemon() {
+    let data = tempfile::tempdir().unwrap();
+    const BRIDGE: &str = "carae2e2";
+    let conf = conf_dir(data.path(), BRIDGE, "10.233.2.0/24");
+    let logs = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start_with_network_vm(true, Some(conf.path()), "warm_pool = 1").await;
+    let warm = ready_warm_vm(&daemon, &[]).await;
+    let warm_netns = daemon.dir().join("netns").join(&warm);
+    assert!(warm_netns.exists(), "the warm VM's namespace");
+    assert!(
+        allocations(data.path()).is_empty(),
+        "no address before a pod"
+    );
+
+    let mut cri = daemon.runtime().await;
+    let (pod, ctr, ip) = pod_with(&mut cri, &daemon, logs.path(), "warm-a", SERVER, None).await;
+    assert_eq!(pod, warm, "the pod got the warm VM");
+    assert!(ip.starts_with("10.233.2."), "{ip}");
+    // The guest interface carries eth0's MAC (not the warm VM's own) and
+    // the pod IP; the node reaches the pod's server by its IP.
+    let eth0 = in_netns(&warm_netns, &["ip", "-o", "link", "show", "dev", "eth0"]);
+    let eth0 = String::from_utf8_lossy(&eth0.stdout).into_owned();
+    let eth0_mac = eth0
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {eth0:?}"))
+        .to_owned();
+    let (code, guest, err) = exec(&mut cri, &ctr, "ip -o link; ip -o addr").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(guest.contains(&eth0_mac), "{eth0_mac} not in\n{guest}");
+    assert!(guest.contains(&format!("{ip}/24")), "{guest}");
+    assert_eq!(read_from((ip.as_str(), 8080)).await.trim(), "pong");
+
+    // A replacement boots; a pod with a memory limit does not take it.
+    let next = ready_warm_vm(&daemon, &[&warm]).await;
+    let mut limited = pod_config("warm-limited");
+    limited.linux = Some(k8s_cri::v1::LinuxPodSandboxConfig {
+        resources: Some(k8s_cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: 200 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let other = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(limited),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", daemon.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    assert_ne!(other, next);
+    assert_eq!(warm_vms(&daemon).len(), 1, "{:?}", warm_vms(&daemon));
+    for pod in [pod, other] {
+        cri.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+        cri.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    }
+    assert!(allocations(data.path()).is_empty());
+
+    // Stopping the daemon stops its warm VM and removes all of it.
+    daemon.stop();
+    let next_dir = daemon.run_dir().join(&next[..16]);
+    gone(&next_dir).await;
+    assert!(warm_vms(&daemon).is_empty(), "{:?}", warm_vms(&daemon));
+    assert!(!next_dir.exists() && !daemon.dir().join("netns").join(&next).exists());
+
+    // A crashed daemon's warm VM is removed by the next daemon.
+    daemon.start_again().await;
+    let crashed = ready_warm_vm(&daemon, &[&warm, &next]).await;
+    daemon.kill();
+    let crashed_dir = daemon.run_dir().join(&crashed[..16]);
+    assert!(!carapace_e2e::daemon::processes_mentioning(&crashed_dir).is_empty());
+    daemon.start_again().await;
+    gone(&crashed_dir).await;
+    let fresh = ready_warm_vm(&daemon, &[&warm, &next, &crashed]).await;
+    assert_eq!(warm_vms(&daemon), vec![(fresh.clone(), true)]);
+    assert!(!crashed_dir.exists());
+    daemon.stop();
+    let left = std::fs::read_dir(daemon.dir().join("netns"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "netns left");
+    assert!(carapace_e2e::daemon::processes_mentioning(&daemon.run_dir()).is_empty());
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", BRIDGE])
+        .status();
+}

@@ -151,7 +151,15 @@ pub struct VmConfig {
     /// code). A cap bounds this part of each pod's host memory; code that
     /// no longer fits makes QEMU flush the cache and translate again.
     pub tcg_translation_cache_mib: u32,
+    /// How many VMs of the default size (no CPU or memory limits) are kept
+    /// booted, their agents ready, for the next pods: such a pod gets one
+    /// and only its network and guest set-up are left to do. Each costs an
+    /// idle VM's memory on the node; 0 turns the pool off.
+    pub warm_pool: u8,
 }
+
+/// Upper bound of `vm.warm_pool`: idle VMs cost memory and boot CPU.
+const MAX_WARM_POOL: u8 = 16;
 
 impl Default for Config {
     fn default() -> Self {
@@ -183,6 +191,7 @@ impl Default for VmConfig {
             max_vcpus: 8,
             boot_timeout_secs: 60,
             tcg_translation_cache_mib: DEFAULT_TCG_TRANSLATION_CACHE_MIB,
+            warm_pool: 0,
         }
     }
 }
@@ -239,6 +248,9 @@ impl Config {
                 "streaming.idle_timeout_secs and streaming.token_ttl_secs must be at least 1"
                     .into(),
             );
+        }
+        if vm.warm_pool > MAX_WARM_POOL {
+            return Err(format!("vm.warm_pool must be at most {MAX_WARM_POOL}"));
         }
         if vm.boot_timeout_secs == 0 {
             return Err("vm.boot_timeout_secs must be at least 1".into());

@@ -192,6 +192,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let puller = Arc::new(Puller::new(store.clone(), config.registry.clone()));
     let images = CriImageService::new(puller);
     let sandboxes = Arc::new(Sandboxes::load(config.clone(), driver)?);
+    sandboxes.start_warm_pool();
+    let pool_owner = sandboxes.clone();
     let containers = Containers::load(config.clone(), sandboxes.clone(), store)?;
     let streaming = carapace::streaming::StreamingServer::start(
         &config.streaming,
@@ -207,6 +209,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     let service = CriService::new(sandboxes, containers).with_streaming(streaming);
     let handle = service.clone();
+    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing the SIGTERM handler");
@@ -215,11 +218,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         // Pod VMs keep running: a restarted daemon finds them again.
-        tracing::info!("shutting down; pod VMs keep running");
+        tracing::info!("shutting down; pod VMs keep running, warm VMs are stopped");
         handle.begin_shutdown();
+        // Warm VMs belong to no pod: they go with the daemon.
+        pool_owner.shutdown().await;
+        let _ = signalled.send(());
     };
-    cri::serve(&config.socket, service, images, shutdown).await
+    let serving = cri::serve(&config.socket, service, images, shutdown);
+    // The graceful drain can wait forever for a client that keeps its
+    // connection open (kubelet does; hyperium/hyper#4170): after the
+    // signal, in-flight calls get SHUTDOWN_DRAIN to finish.
+    let drained = async {
+        if on_signal.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_DRAIN).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = serving => served,
+        () = drained => {
+            tracing::info!(
+                "CRI connections still open {} s after the signal; exiting",
+                SHUTDOWN_DRAIN.as_secs()
+            );
+            let _ = std::fs::remove_file(&config.socket);
+            Ok(())
+        }
+    }
 }
+
+/// How long in-flight CRI calls may take to finish once the daemon is
+/// asked to stop.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the host's cgroups are mounted (kubelet must use the same driver).
 fn cgroup_layout() -> &'static str {

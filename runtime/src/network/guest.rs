@@ -50,6 +50,7 @@ pub fn describe(result: &CniResult, vm: &VmNetwork) -> GuestNetwork {
             mac: vm.mac.clone(),
             mtu: vm.mtu,
             addresses: ips.iter().map(|ip| ip.address.clone()).collect(),
+            device_mac: String::new(),
         }],
         routes,
     }

@@ -98,8 +98,38 @@ impl Network {
         capability_args: BTreeMap<String, Value>,
     ) -> Result<PodNetwork, NetworkError> {
         let conf = self.conf()?;
-        let path = netns::path(&self.config.netns_dir, &pod.sandbox_id);
+        let path = self.netns_path(&pod.sandbox_id);
         netns::create(&path)?;
+        self.add(conf, pod, capability_args, path).await
+    }
+
+    /// Where the namespace of sandbox `id` is pinned.
+    pub fn netns_path(&self, id: &str) -> PathBuf {
+        netns::path(&self.config.netns_dir, id)
+    }
+
+    /// As [`Network::setup`], in the sandbox's namespace made beforehand
+    /// (with [`netns::create`] at [`Network::netns_path`]): a warm VM
+    /// already runs in it. On failure the namespace is removed too.
+    pub async fn setup_in_existing(
+        &self,
+        pod: &PodIdentity,
+        capability_args: BTreeMap<String, Value>,
+    ) -> Result<PodNetwork, NetworkError> {
+        let conf = self.conf()?;
+        let path = self.netns_path(&pod.sandbox_id);
+        self.add(conf, pod, capability_args, path).await
+    }
+
+    /// CNI ADD in the namespace at `path`; on failure, DEL and the
+    /// namespace's removal.
+    async fn add(
+        &self,
+        conf: NetworkConfList,
+        pod: &PodIdentity,
+        capability_args: BTreeMap<String, Value>,
+        path: PathBuf,
+    ) -> Result<PodNetwork, NetworkError> {
         let attachment = Attachment {
             container_id: pod.sandbox_id.clone(),
             netns: path.clone(),

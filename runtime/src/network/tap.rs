@@ -30,36 +30,68 @@ pub struct VmNetwork {
 
 /// Creates `tap0` in the namespace with eth0's MTU and the redirections.
 pub fn setup(netns: &Path) -> Result<VmNetwork, NetworkError> {
-    let out = run(netns, "ip", &["-j", "link", "show", "dev", POD_IFNAME])?;
-    let (mac, mtu) = parse_link(&out)?;
-    let mtu_s = mtu.to_string();
-    let steps: [(&str, Vec<&str>); 7] = [
-        (
-            "ip",
-            vec!["tuntap", "add", "dev", TAP_IFNAME, "mode", "tap"],
-        ),
-        (
-            "ip",
-            vec!["link", "set", "dev", TAP_IFNAME, "mtu", &mtu_s, "up"],
-        ),
-        ("tc", vec!["qdisc", "add", "dev", POD_IFNAME, "ingress"]),
-        ("tc", redirect(POD_IFNAME, TAP_IFNAME)),
-        ("tc", vec!["qdisc", "add", "dev", TAP_IFNAME, "ingress"]),
-        ("tc", redirect(TAP_IFNAME, POD_IFNAME)),
-        ("ip", vec!["link", "set", "dev", POD_IFNAME, "up"]),
-    ];
-    for (tool, args) in steps {
-        if let Err(e) = run(netns, tool, &args) {
+    add_tap(netns)?;
+    connect(netns)
+}
+
+/// Creates `tap0` in the namespace, up, connected to nothing yet: a VM can
+/// start on it before the pod's network exists (the warm pool), and
+/// [`connect`] joins it to eth0 once CNI has made it.
+pub fn add_tap(netns: &Path) -> Result<(), NetworkError> {
+    run_steps(
+        netns,
+        &[
+            (
+                "ip",
+                vec!["tuntap", "add", "dev", TAP_IFNAME, "mode", "tap"],
+            ),
+            ("ip", vec!["link", "set", "dev", TAP_IFNAME, "up"]),
+        ],
+    )
+}
+
+/// Joins `tap0` to the CNI interface eth0: eth0's MTU on the tap, frames
+/// redirected both ways, eth0 up. Returns what the guest interface must
+/// carry (eth0's MAC and MTU).
+pub fn connect(netns: &Path) -> Result<VmNetwork, NetworkError> {
+    let out = run(netns, "ip", &["-j", "link", "show", "dev", POD_IFNAME]);
+    let (mac, mtu) = match out.and_then(|out| parse_link(&out)) {
+        Ok(link) => link,
+        Err(e) => {
             let _ = teardown(netns);
             return Err(e);
         }
-    }
+    };
+    let mtu_s = mtu.to_string();
+    run_steps(
+        netns,
+        &[
+            ("ip", vec!["link", "set", "dev", TAP_IFNAME, "mtu", &mtu_s]),
+            ("tc", vec!["qdisc", "add", "dev", POD_IFNAME, "ingress"]),
+            ("tc", redirect(POD_IFNAME, TAP_IFNAME)),
+            ("tc", vec!["qdisc", "add", "dev", TAP_IFNAME, "ingress"]),
+            ("tc", redirect(TAP_IFNAME, POD_IFNAME)),
+            ("ip", vec!["link", "set", "dev", POD_IFNAME, "up"]),
+        ],
+    )?;
     Ok(VmNetwork {
         netns: netns.to_owned(),
         tap: TAP_IFNAME.into(),
         mac,
         mtu,
     })
+}
+
+/// Runs each step in the namespace; on the first failure, removes what
+/// the steps made and returns the error.
+fn run_steps(netns: &Path, steps: &[(&str, Vec<&str>)]) -> Result<(), NetworkError> {
+    for (tool, args) in steps {
+        if let Err(e) = run(netns, tool, args) {
+            let _ = teardown(netns);
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Removes the tap and eth0's ingress qdisc (with its filter); what is
@@ -172,5 +204,35 @@ mod tests {
         teardown(&ns).unwrap();
         super::super::netns::remove(&ns).unwrap();
         teardown(&ns).unwrap();
+    }
+
+    #[test]
+    fn a_tap_made_before_eth0_is_connected_once_eth0_exists() {
+        assert!(nix::unistd::geteuid().is_root(), "netns tests run as root");
+        let dir = tempfile::tempdir().unwrap();
+        let ns = dir.path().join("warmns");
+        super::super::netns::create(&ns).unwrap();
+        add_tap(&ns).unwrap();
+        // No eth0 yet: connecting fails and takes the tap away with it.
+        assert!(connect(&ns).is_err());
+        assert!(run(&ns, "ip", &["link", "show", "dev", TAP_IFNAME]).is_err());
+        add_tap(&ns).unwrap();
+        let add = [
+            "link", "add", POD_IFNAME, "mtu", "1380", "type", "veth", "peer", "name", "peer0",
+        ];
+        run(&ns, "ip", &add).unwrap();
+        let vm = connect(&ns).unwrap();
+        assert_eq!(vm.mtu, 1380);
+        let eth0 = run(&ns, "ip", &["-j", "link", "show", "dev", POD_IFNAME]).unwrap();
+        assert_eq!(parse_link(&eth0).unwrap().0, vm.mac);
+        let tap = run(&ns, "ip", &["-j", "link", "show", "dev", TAP_IFNAME]).unwrap();
+        assert!(tap.contains("\"mtu\":1380"), "{tap}");
+        let f = run(&ns, "tc", &["filter", "show", "dev", TAP_IFNAME, "ingress"]).unwrap();
+        assert!(
+            f.contains(&format!("Redirect to device {POD_IFNAME}")),
+            "{f}"
+        );
+        teardown(&ns).unwrap();
+        super::super::netns::remove(&ns).unwrap();
     }
 }

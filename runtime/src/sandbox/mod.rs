@@ -4,6 +4,7 @@
 //! different sandboxes run concurrently. Every state change is written to
 //! disk before it is reported, so a restarted daemon sees what kubelet saw.
 
+mod pool;
 mod record;
 
 use std::collections::HashMap;
@@ -20,8 +21,8 @@ use crate::host_cgroup;
 use crate::network::tap::{self, VmNetwork};
 use crate::network::{Network, NetworkError, PodIdentity, PodNetwork};
 use crate::state::{RecordDir, StateError};
-use crate::vm::VmSpec;
-use crate::vm::{VmDriver, VmError};
+use crate::vm::{StartedVm, VmDriver, VmError, VmSpec};
+use pool::{WarmPool, WarmVm};
 
 /// Errors of sandbox operations.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,8 @@ pub struct Sandboxes {
     all: std::sync::Mutex<HashMap<String, Arc<Mutex<Sandbox>>>>,
     /// Reserved names → sandbox id (includes sandboxes being created).
     names: std::sync::Mutex<HashMap<String, String>>,
+    /// Booted VMs for the next pods of the default size (`vm.warm_pool`).
+    pool: Arc<WarmPool>,
 }
 
 impl Sandboxes {
@@ -130,14 +133,28 @@ impl Sandboxes {
             );
         }
         tracing::info!("loaded {} pod sandboxes", all.len());
+        let network = Network::new(config.network.clone());
+        let ids = all.keys().cloned().collect();
+        let pool = WarmPool::open(&config, driver.clone(), network.clone(), &ids)?;
         Ok(Self {
-            network: Network::new(config.network.clone()),
+            network,
+            pool: Arc::new(pool),
             config,
             driver,
             records,
             all: std::sync::Mutex::new(all),
             names: std::sync::Mutex::new(names),
         })
+    }
+
+    /// Starts booting the warm pool's VMs (`vm.warm_pool`; none when 0).
+    pub fn start_warm_pool(&self) {
+        self.pool.fill();
+    }
+
+    /// Stops the warm pool's VMs (pods' VMs keep running).
+    pub async fn shutdown(&self) {
+        self.pool.shutdown().await;
     }
 
     /// What keeps this host from running pod VMs (empty when nothing).
@@ -184,8 +201,9 @@ impl Sandboxes {
             .collect()
     }
 
-    /// Creates a sandbox: reserves its name, boots its VM, waits for the
-    /// agent, records it. On failure nothing is left behind.
+    /// Creates a sandbox: reserves its name, boots its VM (or takes a warm
+    /// one), waits for the agent, records it. On failure nothing is left
+    /// behind.
     pub async fn run(&self, new: NewSandbox) -> Result<String, SandboxError> {
         let id = new_id()?;
         let name = new.meta.reserved_name();
@@ -199,7 +217,34 @@ impl Sandboxes {
             }
             names.insert(name.clone(), id.clone());
         }
-        let result = self.boot(&id, new).await;
+        let release_name = || {
+            self.names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+        };
+        let with_network = match self.wants_network() {
+            Ok(with_network) => with_network,
+            Err(e) => {
+                release_name();
+                return Err(e);
+            }
+        };
+        let (id, result) = match self.pool.take(new.size, with_network).await {
+            Some(warm) => {
+                let id = warm.id.clone();
+                self.names
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.clone(), id.clone());
+                tracing::info!(id, "pod sandbox gets a warm VM");
+                (id, self.adopt(warm, new).await)
+            }
+            None => {
+                let result = self.boot(&id, new, with_network).await;
+                (id, result)
+            }
+        };
         match result {
             Ok(sandbox) => {
                 self.all
@@ -209,58 +254,175 @@ impl Sandboxes {
                 Ok(id)
             }
             Err(e) => {
-                self.names
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&name);
+                release_name();
                 Err(e)
             }
         }
     }
 
-    /// Sets up the pod's network (unless there is no CNI config and the
-    /// network is not required), then boots its VM on it; on failure
-    /// the network is torn down again.
-    async fn boot(&self, id: &str, new: NewSandbox) -> Result<Sandbox, SandboxError> {
-        let network = match self.network.conf() {
+    /// Whether a new pod gets a network: yes with a CNI configuration; no
+    /// without one if the network is not required; an error otherwise.
+    fn wants_network(&self) -> Result<bool, SandboxError> {
+        match self.network.conf() {
+            Ok(_) => Ok(true),
             Err(NetworkError::NoConfig(why)) if !self.config.network.required => {
-                tracing::info!(id, "pod without a network: {why}");
-                None
+                tracing::info!("pod without a network: {why}");
+                Ok(false)
             }
-            Err(e) => return Err(e.into()),
-            Ok(_) => {
-                let pod = PodIdentity {
-                    sandbox_id: id.to_owned(),
-                    name: new.meta.name.clone(),
-                    namespace: new.meta.namespace.clone(),
-                    uid: new.meta.uid.clone(),
-                };
-                let net = self
-                    .network
-                    .setup(&pod, new.cni_capability_args.clone())
-                    .await?;
-                let netns = net.netns.clone();
-                match tokio::task::spawn_blocking(move || tap::setup(&netns)).await {
-                    Ok(Ok(vm_net)) => Some((net, vm_net)),
-                    result => {
-                        let e = match result {
-                            Ok(Err(e)) => e,
-                            _ => NetworkError::Command {
-                                what: "setting up the tap".into(),
-                                message: "task failed".into(),
-                            },
-                        };
-                        self.teardown_network(&net).await;
-                        return Err(e.into());
-                    }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn pod_identity(id: &str, new: &NewSandbox) -> PodIdentity {
+        PodIdentity {
+            sandbox_id: id.to_owned(),
+            name: new.meta.name.clone(),
+            namespace: new.meta.namespace.clone(),
+            uid: new.meta.uid.clone(),
+        }
+    }
+
+    /// Sets up the pod's network (when it gets one), then boots its VM on
+    /// it; on failure the network is torn down again.
+    async fn boot(
+        &self,
+        id: &str,
+        new: NewSandbox,
+        with_network: bool,
+    ) -> Result<Sandbox, SandboxError> {
+        let network = if with_network {
+            let pod = Self::pod_identity(id, &new);
+            let net = self
+                .network
+                .setup(&pod, new.cni_capability_args.clone())
+                .await?;
+            match self.connect_tap(&net, false).await {
+                Ok(vm_net) => Some((net, vm_net)),
+                Err(e) => {
+                    self.teardown_network(&net).await;
+                    return Err(e.into());
                 }
             }
+        } else {
+            None
         };
-        let pod_net = network.as_ref().map(|(net, _)| net.clone());
-        let result = self.boot_vm(id, new, network).await;
+        let (pod_net, vm_net) = match network {
+            Some((p, v)) => (Some(p), Some(v)),
+            None => (None, None),
+        };
+        let guest_net = match (&pod_net, &vm_net) {
+            (Some(p), Some(v)) => crate::network::guest::describe(&p.result, v),
+            _ => Default::default(),
+        };
+        let result = match self.boot_vm(id, &new, vm_net).await {
+            Ok(launched) => {
+                self.finish(id, new, launched, pod_net.clone(), guest_net)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if let (Err(_), Some(net)) = (&result, &pod_net) {
             self.teardown_network(net).await;
         }
+        result
+    }
+
+    /// Makes the pod's tap in its namespace (unless a warm VM's is there
+    /// already) and joins it to eth0.
+    async fn connect_tap(
+        &self,
+        net: &PodNetwork,
+        tap_exists: bool,
+    ) -> Result<VmNetwork, NetworkError> {
+        let netns = net.netns.clone();
+        let connected = tokio::task::spawn_blocking(move || {
+            if tap_exists {
+                tap::connect(&netns)
+            } else {
+                tap::setup(&netns)
+            }
+        })
+        .await;
+        connected.unwrap_or_else(|_| {
+            Err(NetworkError::Command {
+                what: "setting up the tap".into(),
+                message: "task failed".into(),
+            })
+        })
+    }
+
+    /// Gives a warm VM to the pod: CNI ADD in the VM's namespace, its tap
+    /// joined to eth0, then as a booted VM. On failure the VM is removed
+    /// (never returned to the pool: it may have half a pod in it).
+    async fn adopt(&self, warm: WarmVm, new: NewSandbox) -> Result<Sandbox, SandboxError> {
+        let id = warm.id.clone();
+        let mut pod_net = None;
+        let mut guest_net = Default::default();
+        if let Some(warm_net) = &warm.network {
+            let pod = Self::pod_identity(&id, &new);
+            let net = match self
+                .network
+                .setup_in_existing(&pod, new.cni_capability_args.clone())
+                .await
+            {
+                Ok(net) => net,
+                Err(e) => {
+                    self.pool.discard(warm).await;
+                    return Err(e.into());
+                }
+            };
+            match self.connect_tap(&net, true).await {
+                Ok(vm_net) => {
+                    let mut guest = crate::network::guest::describe(&net.result, &vm_net);
+                    for interface in &mut guest.interfaces {
+                        interface.device_mac = warm_net.mac.clone();
+                    }
+                    guest_net = guest;
+                    pod_net = Some(net);
+                }
+                Err(e) => {
+                    self.teardown_network(&net).await;
+                    self.pool.discard(warm).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        let WarmVm {
+            vm, agent, run_dir, ..
+        } = warm;
+        let cgroup = match self.create_cgroup(id.as_str(), &new) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                if let Some(net) = &pod_net {
+                    self.teardown_network(net).await;
+                }
+                vm.stop().await;
+                let _ = std::fs::remove_dir_all(&run_dir);
+                self.pool.forget(&id);
+                return Err(e);
+            }
+        };
+        let launched = Launched {
+            vm,
+            agent,
+            run_dir,
+            cgroup,
+        };
+        let result = match place(&launched.vm, launched.cgroup.as_deref()) {
+            Ok(()) => {
+                self.finish(&id, new, launched, pod_net.clone(), guest_net)
+                    .await
+            }
+            Err(e) => {
+                launched.abandon().await;
+                Err(e)
+            }
+        };
+        if let (Err(_), Some(net)) = (&result, &pod_net) {
+            self.teardown_network(net).await;
+        }
+        // Saved as a sandbox, or stopped and removed: no longer the pool's.
+        self.pool.forget(&id);
         result
     }
 
@@ -278,27 +440,24 @@ impl Sandboxes {
         self.network.teardown(net).await
     }
 
+    /// kubelet's pod cgroup for the sandbox's VM processes, created; `None`
+    /// when the host has no cgroup v2 hierarchy to put them in.
+    fn create_cgroup(&self, id: &str, new: &NewSandbox) -> Result<Option<PathBuf>, SandboxError> {
+        host_cgroup::create(&self.config.cgroup_root, &new.cgroup_parent, id)
+            .map_err(|e| SandboxError::InvalidArgument(e.to_string()))
+    }
+
+    /// Boots the sandbox's VM on `vm_net` in its own run directory and
+    /// cgroup, and waits for its agent. On failure nothing of it is left.
     async fn boot_vm(
         &self,
         id: &str,
-        new: NewSandbox,
-        network: Option<(PodNetwork, VmNetwork)>,
-    ) -> Result<Sandbox, SandboxError> {
-        let (pod_net, vm_net) = match network {
-            Some((p, v)) => (Some(p), Some(v)),
-            None => (None, None),
-        };
-        let guest_net = match (&pod_net, &vm_net) {
-            (Some(p), Some(v)) => crate::network::guest::describe(&p.result, v),
-            _ => Default::default(),
-        };
+        new: &NewSandbox,
+        vm_net: Option<VmNetwork>,
+    ) -> Result<Launched, SandboxError> {
         // Unix socket paths are limited to 108 bytes, so the VM's directory
         // is named by a prefix of the id (ids are random: it is unique).
         let run_dir = self.config.run_dir.join(&id[..RUN_DIR_NAME_LEN]);
-        std::fs::create_dir_all(&run_dir).map_err(|source| SandboxError::Io {
-            what: format!("creating {}", run_dir.display()),
-            source,
-        })?;
         let share_dir = run_dir.join("shared");
         std::fs::create_dir_all(&share_dir).map_err(|source| SandboxError::Io {
             what: format!("creating {}", share_dir.display()),
@@ -314,18 +473,15 @@ impl Sandboxes {
             shared_dir: Some(share_dir),
             network: vm_net,
         };
-        let cleanup = |run_dir: &Path| {
-            let _ = std::fs::remove_dir_all(run_dir);
-        };
-        let cgroup = match host_cgroup::create(&self.config.cgroup_root, &new.cgroup_parent, id) {
+        let cgroup = match self.create_cgroup(id, new) {
             Ok(cgroup) => cgroup,
             Err(e) => {
-                cleanup(&run_dir);
-                return Err(SandboxError::InvalidArgument(e.to_string()));
+                let _ = std::fs::remove_dir_all(&run_dir);
+                return Err(e);
             }
         };
-        let cleanup = |run_dir: &Path| {
-            cleanup(run_dir);
+        let cleanup = || {
+            let _ = std::fs::remove_dir_all(&run_dir);
             if let Some(cg) = &cgroup {
                 host_cgroup::remove(cg);
             }
@@ -333,27 +489,17 @@ impl Sandboxes {
         let vm = match self.driver.start(&spec).await {
             Ok(vm) => vm,
             Err(e) => {
-                cleanup(&run_dir);
+                cleanup();
                 return Err(e.into());
             }
         };
-        if let Some(cg) = &cgroup {
-            let placed = vm
-                .handle
-                .pids()
-                .into_iter()
-                .try_for_each(|pid| host_cgroup::add(cg, pid));
-            if let Err(e) = placed {
-                vm.stop().await;
-                cleanup(&run_dir);
-                return Err(SandboxError::Io {
-                    what: "placing the pod VM in its cgroup".into(),
-                    source: std::io::Error::other(e.to_string()),
-                });
-            }
+        if let Err(e) = place(&vm, cgroup.as_deref()) {
+            vm.stop().await;
+            cleanup();
+            return Err(e);
         }
         let timeout = Duration::from_secs(self.config.vm.boot_timeout_secs);
-        let agent = match vm.wait_agent(timeout).await {
+        match vm.wait_agent(timeout).await {
             Ok((agent, health)) => {
                 tracing::info!(
                     id,
@@ -361,20 +507,37 @@ impl Sandboxes {
                     boot_ms = vm.started_at().elapsed().as_millis() as u64,
                     "pod VM ready"
                 );
-                agent
+                Ok(Launched {
+                    vm,
+                    agent,
+                    run_dir,
+                    cgroup,
+                })
             }
             Err(e) => {
                 let console = console_tail(vm.console_log(), 20);
                 vm.stop().await;
-                cleanup(&run_dir);
-                return Err(SandboxError::AgentNotReady {
+                cleanup();
+                Err(SandboxError::AgentNotReady {
                     reason: e.to_string(),
                     console,
-                });
+                })
             }
-        };
+        }
+    }
+
+    /// Sets the pod up in its VM and records the sandbox; on failure the VM
+    /// is stopped and its run directory and cgroup removed.
+    async fn finish(
+        &self,
+        id: &str,
+        new: NewSandbox,
+        launched: Launched,
+        pod_net: Option<PodNetwork>,
+        guest_net: crate::network::guest::GuestNetwork,
+    ) -> Result<Sandbox, SandboxError> {
         let setup_started = std::time::Instant::now();
-        let files = match setup_guest(&agent, &new, guest_net).await {
+        let files = match setup_guest(&launched.agent, &new, guest_net).await {
             Ok(files) => {
                 tracing::debug!(
                     id,
@@ -384,8 +547,7 @@ impl Sandboxes {
                 files
             }
             Err(reason) => {
-                vm.stop().await;
-                cleanup(&run_dir);
+                launched.abandon().await;
                 return Err(SandboxError::InvalidArgument(reason));
             }
         };
@@ -401,20 +563,19 @@ impl Sandboxes {
             state: SandboxState::Ready,
             reason: None,
             size: new.size,
-            run_dir: run_dir.clone(),
-            vm: Some(vm.handle.clone()),
+            run_dir: launched.run_dir.clone(),
+            vm: Some(launched.vm.handle.clone()),
             files,
-            cgroup: cgroup.clone(),
+            cgroup: launched.cgroup.clone(),
             network: pod_net,
         };
         if let Err(e) = self.records.save(id, &record) {
-            vm.stop().await;
-            cleanup(&run_dir);
+            launched.abandon().await;
             return Err(e.into());
         }
         Ok(Sandbox {
             record,
-            agent: Some(agent),
+            agent: Some(launched.agent),
         })
     }
 
@@ -571,6 +732,40 @@ impl Sandboxes {
     }
 }
 
+/// The VM of a sandbox being created, until its record is saved.
+struct Launched {
+    vm: StartedVm,
+    agent: AgentClient,
+    run_dir: PathBuf,
+    cgroup: Option<PathBuf>,
+}
+
+impl Launched {
+    /// Stops the VM and removes its run directory and cgroup.
+    async fn abandon(self) {
+        self.vm.stop().await;
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        if let Some(cg) = &self.cgroup {
+            host_cgroup::remove(cg);
+        }
+    }
+}
+
+/// Moves the VM's processes into the sandbox's cgroup, if it has one.
+fn place(vm: &StartedVm, cgroup: Option<&Path>) -> Result<(), SandboxError> {
+    let Some(cg) = cgroup else {
+        return Ok(());
+    };
+    vm.handle
+        .pids()
+        .into_iter()
+        .try_for_each(|pid| host_cgroup::add(cg, pid))
+        .map_err(|e| SandboxError::Io {
+            what: "placing the pod VM in its cgroup".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
+}
+
 /// Length of the id prefix naming a VM's run directory.
 pub const RUN_DIR_NAME_LEN: usize = 16;
 
@@ -634,7 +829,7 @@ pub fn new_id() -> Result<String, SandboxError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }

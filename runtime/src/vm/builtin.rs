@@ -80,7 +80,10 @@ impl BuiltinDriver {
             }]);
         }
         if let Some(net) = &spec.network {
-            config["net"] = json!([{"tap": net.tap, "mac": net.mac, "mtu": net.mtu}]);
+            // MTU 0: not known yet (a warm VM, whose pod network comes
+            // later): no MTU feature, the guest may take any MTU.
+            let mtu = (net.mtu != 0).then_some(net.mtu);
+            config["net"] = json!([{"tap": net.tap, "mac": net.mac, "mtu": mtu}]);
         }
         config
     }

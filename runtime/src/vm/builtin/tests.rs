@@ -90,6 +90,12 @@ fn config_wires_the_share_and_the_pod_network() {
     assert_eq!(parsed.net[0].mac_bytes(), Some([0x0a, 0x58, 0x0a, 0, 0, 5]));
     assert_eq!(parsed.net[0].mtu, Some(1450));
     assert_eq!(parsed.fs[0].tag, SHARED_FS_TAG);
+    // A warm VM's tap has no MTU yet: the guest gets no MTU limit.
+    let mut warm = s.clone();
+    warm.network.as_mut().unwrap().mtu = 0;
+    let config = driver("carapace-vmm".into()).vmm_config(&warm);
+    let parsed: carapace_vmm::config::VmConfig = serde_json::from_value(config).unwrap();
+    assert_eq!(parsed.net[0].mtu, None);
 }
 
 /// The real VMM on this host's KVM, with a payload that halts forever in
