@@ -7,7 +7,10 @@
 //! virtiofsd), split into the guest RAM the guest touched and the rest.
 //! `cargo bench -p carapace-e2e --bench pod_start` (pods: PODS, 10; the
 //! daemon's log and the pods' consoles are copied to POD_START_DAEMON_LOG
-//! when set).
+//! when set; WARM_POOL=n sets the daemon's `vm.warm_pool` (else its default), and the first
+//! pod then waits until the first warm VM is ready, as on a node whose
+//! pool filled long before its pods came; the next pods come one after
+//! the other, each while the replacement of the previous one boots).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -84,13 +87,27 @@ fn main() {
         .unwrap_or(10);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
-        // TCG_CACHE_MIB: the daemon's vm.tcg_translation_cache_mib.
-        let daemon = match std::env::var("TCG_CACHE_MIB") {
-            Ok(mib) => {
-                Daemon::start_with_busybox_vm(&format!("tcg_translation_cache_mib = {mib}")).await
+        // TCG_CACHE_MIB: the daemon's vm.tcg_translation_cache_mib;
+        // WARM_POOL: its vm.warm_pool.
+        let mut vm_lines = String::new();
+        if let Ok(mib) = std::env::var("TCG_CACHE_MIB") {
+            vm_lines.push_str(&format!("tcg_translation_cache_mib = {mib}\n"));
+        }
+        let warm_pool: u8 = std::env::var("WARM_POOL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(carapace::config::VmConfig::default().warm_pool);
+        vm_lines.push_str(&format!("warm_pool = {warm_pool}\n"));
+        let daemon = Daemon::start_with_busybox_vm(&vm_lines).await;
+        if warm_pool > 0 {
+            // A node's pool is full long before its pods come: the first
+            // pod does not wait for the daemon's first warm boot.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !daemon.log().contains("warm VM ready") {
+                assert!(Instant::now() < deadline, "no warm VM:\n{}", daemon.log());
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(_) => Daemon::start_with_busybox().await,
-        };
+        }
         let mut cri = daemon.runtime().await;
         let logs = tempfile::tempdir().expect("log directory");
         let mut latencies = Vec::new();

@@ -80,6 +80,12 @@ impl Daemon {
         vm_lines: &str,
     ) -> Daemon {
         let artifacts = GuestArtifacts::locate();
+        // Tests count a daemon's VMs: no warm VM unless a test asks.
+        let vm_lines = if vm_lines.contains("warm_pool") {
+            vm_lines.to_owned()
+        } else {
+            format!("warm_pool = 0\n{vm_lines}")
+        };
         let dir = tempfile::Builder::new()
             .prefix("carapace-daemon-")
             .tempdir()

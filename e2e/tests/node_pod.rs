@@ -46,11 +46,15 @@ echo "@@left-mounts $(grep -c ' /run/c/' /proc/mounts)"
 echo "@@left-records $(ls /run/c/state/sandboxes /run/c/state/containers | grep -vc -e '^$' -e ':$')"
 echo "@@left-layers $(ls /run/c/containers | wc -l)"
 grep -q "VM driver: builtin" /run/c/daemon.log && echo "@@driver builtin"
+grep -q "pod sandbox gets a warm VM" /run/c/daemon.log && echo "@@warm-taken yes"
+echo "@@warm-vms $(ls /run/c/state/warm | wc -l)"
+# Pods are gone; the warm VM waiting for the next one goes with the daemon.
+kill $D; wait $D
+echo "@@daemon-exit $?"
 echo "@@left-vmm $(ps | grep -c '[c]arapace-vmm')"
 echo "@@left-virtiofsd $(ps | grep -c '[v]irtiofsd')"
 echo "@@left-vm-dirs $(ls /run/c/vms | wc -l)"
-kill $D; wait $D
-echo "@@daemon-exit $?"
+echo "@@left-warm $(ls /run/c/state/warm | wc -l)"
 sed 's/^/daemon| /' /run/c/daemon.log | tail -40
 for c in /run/c/vms/*/console.log; do [ -f "$c" ] && sed 's/^/guest| /' "$c" | tail -30; done
 true
@@ -119,11 +123,20 @@ fn node_pod_through_cri_with_the_builtin_driver() {
     );
     out.check(out.get("left-layers") == "0", "no writable layer left");
     out.check(
+        out.try_get("warm-taken") == Some("yes"),
+        "a pod got a warm VM (vm.warm_pool defaults to 1)",
+    );
+    out.check(
+        out.get("warm-vms") == "1",
+        "a replacement warm VM while the daemon runs",
+    );
+    out.check(
         out.get("left-vmm") == "0",
-        "no carapace-vmm left after the pod is removed",
+        "no carapace-vmm left after the pods are removed and the daemon stopped",
     );
     out.check(out.get("left-virtiofsd") == "0", "no virtiofsd left");
     out.check(out.get("left-vm-dirs") == "0", "no VM run directory left");
+    out.check(out.get("left-warm") == "0", "no warm VM record left");
     out.check(
         out.get("daemon-exit") == "0",
         "the daemon stops cleanly on SIGTERM",

@@ -140,10 +140,15 @@ echo "@@up-sent $(X 'dd if=/dev/urandom of=/tmp/up bs=64k count=16 2>/dev/null; 
 i=0; while kill -0 $UP 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 kill $UP 2>/dev/null
 echo "@@up-received $(md5sum </tmp/up | cut -d' ' -f1) $(wc -c </tmp/up)"
-node_probe api $(ls /run/c/vms/*/api.sock | head -1) '{"action":"metrics"}'
+node_probe api /run/c/vms/$(echo $POD | cut -c1-16)/api.sock '{"action":"metrics"}'
 
 # The pod ends as kubelet ends it; nothing may be left.
 node_probe pod-rm $S $POD
+grep -q "pod sandbox gets a warm VM" /run/c/daemon.log && echo "@@warm-taken yes"
+echo "@@warm-vms $(ls /run/c/state/warm | wc -l)"
+# The pod is gone; the warm VM waiting for the next one goes with the daemon.
+kill $D; wait $D
+echo "@@daemon-exit $?"
 echo "@@left-netns $(ls /run/c/netns | wc -l)"
 echo "@@left-mounts $(grep -c ' /run/c/' /proc/mounts)"
 echo "@@left-ipam $(ls /run/c/ipam/podnet | grep -c '^[0-9]')"
@@ -154,9 +159,7 @@ echo "@@left-vmm $(ps | grep -c '[c]arapace-vmm')"
 echo "@@left-virtiofsd $(ps | grep -c '[v]irtiofsd')"
 echo "@@left-cni $(ps | grep -c '[/]usr/lib/cni/')"
 echo "@@left-vm-dirs $(ls /run/c/vms | wc -l)"
-echo "@@left-records $(ls /run/c/state/sandboxes /run/c/state/containers | grep -vc -e '^$' -e ':$')"
-kill $D; wait $D
-echo "@@daemon-exit $?"
+echo "@@left-records $(ls /run/c/state/sandboxes /run/c/state/containers /run/c/state/warm | grep -vc -e '^$' -e ':$')"
 sed 's/^/daemon| /' /run/c/daemon.log | tail -60
 for c in /run/c/vms/*/console.log; do [ -f "$c" ] && sed 's/^/guest| /' "$c" | tail -30; done
 true
@@ -303,7 +306,19 @@ fn node_pod_network_through_cni_with_the_builtin_driver() {
         out.check(c[key] == 0, &format!("{key} is 0: {c}"));
     }
 
-    // Teardown.
+    // The pod got the warm VM booted for it (vm.warm_pool defaults to 1),
+    // so the MAC, address and traffic checks above are of a VM that booted
+    // before its network existed.
+    out.check(
+        out.try_get("warm-taken") == Some("yes"),
+        "the pod got a warm VM",
+    );
+    out.check(
+        out.get("warm-vms") == "1",
+        "a replacement warm VM while the daemon runs",
+    );
+
+    // Teardown (the daemon stopped: its warm VM too).
     out.check(
         out.get("pod-stop") == "ok" && out.get("pod-remove") == "ok",
         "StopPodSandbox and RemovePodSandbox succeed",

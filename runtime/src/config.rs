@@ -154,7 +154,8 @@ pub struct VmConfig {
     /// How many VMs of the default size (no CPU or memory limits) are kept
     /// booted, their agents ready, for the next pods: such a pod gets one
     /// and only its network and guest set-up are left to do. Each costs an
-    /// idle VM's memory on the node; 0 turns the pool off.
+    /// idle VM's memory on the node, charged to the daemon's cgroup until a
+    /// pod takes it; 0 turns the pool off.
     pub warm_pool: u8,
 }
 
@@ -191,7 +192,7 @@ impl Default for VmConfig {
             max_vcpus: 8,
             boot_timeout_secs: 60,
             tcg_translation_cache_mib: DEFAULT_TCG_TRANSLATION_CACHE_MIB,
-            warm_pool: 0,
+            warm_pool: 1,
         }
     }
 }

@@ -103,7 +103,13 @@ impl WarmPool {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         while slots.len() < self.target {
             let pool = self.clone();
-            slots.push_back(tokio::spawn(async move { pool.boot().await }));
+            slots.push_back(tokio::spawn(async move {
+                let booted = pool.boot().await;
+                if let Err(e) = &booted {
+                    tracing::warn!("a warm VM did not boot: {e}");
+                }
+                booted
+            }));
         }
     }
 
@@ -124,10 +130,7 @@ impl WarmPool {
         self.fill();
         let warm = match slot.await {
             Ok(Ok(warm)) => warm,
-            Ok(Err(e)) => {
-                tracing::warn!("a warm VM did not boot: {e}");
-                return None;
-            }
+            Ok(Err(_)) => return None,
             Err(e) => {
                 tracing::warn!("a warm VM's boot was cut short: {e}");
                 return None;
