@@ -356,6 +356,101 @@ fn random_mac() -> Result<String, SandboxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::process::VmProcess;
+
+    /// What a daemon that crashed leaves: a warm VM with a process and a
+    /// namespace, one without either yet, one a pod had already taken, a
+    /// corrupt record, and a record pointing outside the run directory.
+    #[tokio::test]
+    async fn leftovers_are_removed_and_a_pods_vm_is_only_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            ..Config::default()
+        };
+        config.network.netns_dir = dir.path().join("netns");
+        let records = RecordDir::open(&config.state_dir, "warm").unwrap();
+        let id = |c: char| c.to_string().repeat(64);
+        let run_dir = |c: char| config.run_dir.join(c.to_string().repeat(16));
+        for c in ['a', 'b', 'p'] {
+            std::fs::create_dir_all(run_dir(c).join("shared")).unwrap();
+        }
+        let mut sleep = tokio::process::Command::new("sleep");
+        sleep.arg("60");
+        let vm = VmHandle {
+            monitor: VmProcess::spawn("qemu", sleep, &dir.path().join("sleep.log")).unwrap(),
+            backend: None,
+            fs: None,
+            vsock_socket: run_dir('a').join("vsock.sock"),
+            vhost_socket: None,
+            fs_socket: None,
+            api_socket: None,
+            console_log: run_dir('a').join("console.log"),
+        };
+        assert!(vm.is_running());
+        let netns = config.network.netns_dir.join(id('a'));
+        netns::create(&netns).unwrap();
+        let record = |c: char, run_dir: PathBuf, netns, vm| WarmRecord {
+            id: id(c),
+            run_dir,
+            netns,
+            vm,
+        };
+        records
+            .save(
+                &id('a'),
+                &record('a', run_dir('a'), Some(netns.clone()), Some(vm.clone())),
+            )
+            .unwrap();
+        records
+            .save(&id('b'), &record('b', run_dir('b'), None, None))
+            .unwrap();
+        records
+            .save(&id('p'), &record('p', run_dir('p'), None, None))
+            .unwrap();
+        let outside = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&outside).unwrap();
+        records
+            .save(&id('c'), &record('c', outside.clone(), None, None))
+            .unwrap();
+        std::fs::write(config.state_dir.join("warm").join("d.json"), b"{not json").unwrap();
+
+        let driver = VmDriver::Qemu(crate::vm::qemu::QemuDriver::from_host().unwrap());
+        let network = Network::new(config.network.clone());
+        let pods = HashSet::from([id('p')]);
+        let pool = WarmPool::open(&config, driver, network, &pods).unwrap();
+
+        assert!(vm.monitor.wait_exit(Duration::from_secs(5)).await, "killed");
+        assert!(!netns.exists(), "namespace removed");
+        assert!(!run_dir('a').exists() && !run_dir('b').exists());
+        assert!(run_dir('p').exists(), "the pod's run directory stays");
+        assert!(
+            outside.exists(),
+            "nothing outside the run directory is removed"
+        );
+        let left = std::fs::read_dir(config.state_dir.join("warm"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "every warm record is gone");
+        // Only pods of the pool's size take from it (the slot here is a
+        // boot that failed; `warm_pool = 0` keeps take() from refilling).
+        let pool = Arc::new(WarmPool { target: 0, ..pool });
+        pool.slots.lock().unwrap().push_back(tokio::spawn(async {
+            Err(SandboxError::InvalidArgument("no kernel".into()))
+        }));
+        let other = VmSize {
+            vcpus: 2,
+            ..default_size(&config)
+        };
+        assert!(pool.take(other, false).await.is_none());
+        assert_eq!(pool.slots.lock().unwrap().len(), 1, "left for its size");
+        assert!(pool.take(default_size(&config), false).await.is_none());
+        assert!(
+            pool.slots.lock().unwrap().is_empty(),
+            "a failed boot is dropped"
+        );
+    }
 
     #[test]
     fn random_macs_are_local_unicast() {
