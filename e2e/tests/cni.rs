@@ -560,6 +560,26 @@ async fn warm_vms_become_pods_and_never_outlive_the_daemon() {
     let fresh = ready_warm_vm(&daemon, &[&warm, &next, &crashed]).await;
     assert_eq!(warm_vms(&daemon), vec![(fresh.clone(), true)]);
     assert!(!crashed_dir.exists());
+
+    // A warm VM killed from outside is not given to a pod: the pod boots
+    // its own VM and the dead one is removed.
+    let fresh_dir = daemon.run_dir().join(&fresh[..16]);
+    carapace_e2e::daemon::kill_processes_mentioning(&fresh_dir);
+    gone(&fresh_dir).await;
+    let mut cri = daemon.runtime().await;
+    let (pod, _, ip) = pod_with(&mut cri, &daemon, logs.path(), "warm-b", SERVER, None).await;
+    assert!(pod != fresh && ip.starts_with("10.233.2."), "{pod} {ip}");
+    assert!(!fresh_dir.exists() && !daemon.dir().join("netns").join(&fresh).exists());
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
     daemon.stop();
     let left = std::fs::read_dir(daemon.dir().join("netns"))
         .unwrap()
