@@ -441,3 +441,46 @@ async fn pod_vm_processes_live_in_kubelets_pod_cgroup() {
     let _ = std::fs::remove_dir(root.join(&parent));
     let _ = std::fs::remove_dir(root.join(format!("carapace-e2e-{}", std::process::id())));
 }
+
+/// A kubelet that stops waiting for RunPodSandbox (its deadline) cancels
+/// the call; the sandbox is still finished and listed, so that kubelet
+/// finds it and removes it, and nothing of it is left afterwards.
+#[tokio::test]
+async fn a_run_pod_sandbox_the_client_gave_up_on_is_finished_and_removable() {
+    let daemon = Daemon::start().await;
+    let mut cri = daemon.runtime().await;
+    let given_up = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        cri.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod("impatient")),
+            runtime_handler: String::new(),
+        }),
+    )
+    .await;
+    assert!(given_up.is_err(), "the boot takes longer than 300 ms");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let id = loop {
+        if let Some(id) = list_ids(&mut cri, None).await.pop() {
+            break id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox never appeared:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(state(&mut cri, &id).await, PodSandboxState::SandboxReady);
+    // kubelet's retry with the same name is told which sandbox has it.
+    let again = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod("impatient")),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(again.message().contains(&id), "{again:?}");
+    remove(&mut cri, &id).await;
+    assert!(processes_mentioning(&daemon.run_dir()).is_empty());
+    assert!(list_ids(&mut cri, None).await.is_empty());
+}

@@ -51,18 +51,22 @@ impl CriService {
         let config = request.config.ok_or_else(|| {
             CriError::InvalidArgument("CreateContainer: config is required".into())
         })?;
-        Ok(self
-            .containers
-            .create(NewContainer {
-                sandbox_id: request.pod_sandbox_id,
-                config,
-                pod_sysctls: request
-                    .sandbox_config
-                    .and_then(|c| c.linux)
-                    .map(|l| l.sysctls.into_iter().collect())
-                    .unwrap_or_default(),
-            })
-            .await?)
+        let new = NewContainer {
+            sandbox_id: request.pod_sandbox_id,
+            config,
+            pod_sysctls: request
+                .sandbox_config
+                .and_then(|c| c.linux)
+                .map(|l| l.sysctls.into_iter().collect())
+                .unwrap_or_default(),
+        };
+        let containers = self.containers.clone();
+        // Its own task, as RunPodSandbox: a caller that stops waiting
+        // never leaves a container half made.
+        let created = tokio::spawn(async move { containers.create(new).await })
+            .await
+            .map_err(|e| CriError::Internal(format!("CreateContainer: {e}")))?;
+        Ok(created?)
     }
 
     pub(super) async fn start_container(&self, id: &str) -> Result<(), CriError> {

@@ -25,7 +25,14 @@ impl CriService {
             .config
             .ok_or_else(|| CriError::InvalidArgument("RunPodSandbox: config is required".into()))?;
         let new = new_sandbox(config, request.runtime_handler, &self.sandboxes.config().vm)?;
-        let id = self.sandboxes.run(new).await?;
+        let sandboxes = self.sandboxes.clone();
+        // Its own task: a kubelet that stops waiting (its deadline) drops
+        // this call, and a sandbox cut short halfway would keep its name
+        // reserved and its VM running without a record. Finished, it is a
+        // sandbox kubelet finds in ListPodSandbox and removes.
+        let id = tokio::spawn(async move { sandboxes.run(new).await })
+            .await
+            .map_err(|e| CriError::Internal(format!("RunPodSandbox: {e}")))??;
         Ok(RunPodSandboxResponse { pod_sandbox_id: id })
     }
 
