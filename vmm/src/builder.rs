@@ -181,6 +181,7 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
     let mem = create_guest_memory(mem_size)?;
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
+    vm.setup_irqchip()?;
 
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
     let initrd = match &cfg.initrd {
