@@ -20,7 +20,7 @@ use crate::devices::virtio::MmioTransport;
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vstate::vcpu::{
     pause_all, resume_all, stop_all, ExitReason, RunControl, Vcpu, VcpuError, VcpuHandle,
-    VcpuMetrics,
+    VcpuMetrics, VcpuThread,
 };
 use crate::vstate::vm::Vm;
 
@@ -74,6 +74,9 @@ pub struct VmmParts {
     pub stop_evt: EventFd,
     /// Configured vCPUs.
     pub vcpus: Vec<Vcpu>,
+    /// Their threads, if already spawned (one per vCPU, in order); empty: spawned by
+    /// [`Vmm::start`].
+    pub vcpu_threads: Vec<VcpuThread>,
     /// The console.
     pub serial: Arc<Mutex<Serial>>,
     /// Virtio devices.
@@ -102,6 +105,7 @@ pub struct Vmm {
     serial: Arc<Mutex<Serial>>,
     handles: Vec<VcpuHandle>,
     pending: Vec<Vcpu>,
+    pending_threads: Vec<VcpuThread>,
     vcpu_metrics: Vec<Arc<VcpuMetrics>>,
     control: Arc<RunControl>,
     exit_evt: EventFd,
@@ -145,6 +149,7 @@ impl Vmm {
             serial: p.serial,
             handles: Vec::new(),
             pending: p.vcpus,
+            pending_threads: p.vcpu_threads,
             vcpu_metrics,
             control: p.control,
             exit_evt: p.exit_evt,
@@ -189,16 +194,26 @@ impl Vmm {
         Ok(())
     }
 
-    /// Starts every vCPU thread (each installs the vCPU seccomp filter on itself first,
-    /// unless `seccomp` is off in the configuration).
+    /// Starts every vCPU on its thread: the one spawned while building, or a new one (each
+    /// installs the vCPU seccomp filter on itself first, unless `seccomp` is off in the
+    /// configuration).
     pub fn start(&mut self) -> Result<(), VmmError> {
         self.started = Some(Instant::now());
+        let vcpus: Vec<Vcpu> = self.pending.drain(..).collect();
+        if self.pending_threads.len() == vcpus.len() {
+            for (vcpu, thread) in vcpus.into_iter().zip(self.pending_threads.drain(..)) {
+                self.handles
+                    .push(vcpu.start_on(thread, self.control.clone())?);
+            }
+            return Ok(());
+        }
+        self.pending_threads.clear();
         let filter = if self.config.seccomp {
             Some(Arc::new(seccomp::filter(ThreadKind::Vcpu)?))
         } else {
             None
         };
-        for vcpu in self.pending.drain(..) {
+        for vcpu in vcpus {
             self.handles
                 .push(vcpu.start(self.control.clone(), filter.clone())?);
         }
