@@ -198,13 +198,13 @@ impl Vmm {
     /// installs the vCPU seccomp filter on itself first, unless `seccomp` is off in the
     /// configuration).
     pub fn start(&mut self) -> Result<(), VmmError> {
-        self.started = Some(Instant::now());
-        let vcpus: Vec<Vcpu> = self.pending.drain(..).collect();
-        if self.pending_threads.len() == vcpus.len() {
-            for (vcpu, thread) in vcpus.into_iter().zip(self.pending_threads.drain(..)) {
-                self.handles
-                    .push(vcpu.start_on(thread, self.control.clone())?);
-            }
+        self.spawn_vcpu_threads()?;
+        self.hand_over_vcpus()
+    }
+
+    /// Spawns the vCPU threads unless `build_vm` already did.
+    fn spawn_vcpu_threads(&mut self) -> Result<(), VmmError> {
+        if self.pending_threads.len() == self.pending.len() {
             return Ok(());
         }
         self.pending_threads.clear();
@@ -213,9 +213,19 @@ impl Vmm {
         } else {
             None
         };
-        for vcpu in vcpus {
+        for vcpu in &self.pending {
+            self.pending_threads
+                .push(VcpuThread::spawn(vcpu.id(), filter.clone())?);
+        }
+        Ok(())
+    }
+
+    /// Gives each spawned thread its vCPU: from here on the guest runs.
+    fn hand_over_vcpus(&mut self) -> Result<(), VmmError> {
+        self.started = Some(Instant::now());
+        for (vcpu, thread) in self.pending.drain(..).zip(self.pending_threads.drain(..)) {
             self.handles
-                .push(vcpu.start(self.control.clone(), filter.clone())?);
+                .push(vcpu.start_on(thread, self.control.clone())?);
         }
         Ok(())
     }
@@ -236,10 +246,13 @@ impl Vmm {
     /// Unless `seccomp` is off in the configuration, the calling thread installs the
     /// event-loop filter on itself before serving anything, for good: afterwards it may only
     /// tear the VM down and exit (the binary's main thread), so tests call this on a thread
-    /// of its own.
+    /// of its own. Unless [`Self::start`] was called first, the vCPUs get to run only once
+    /// that filter is on (their threads are spawned before it, as it forbids `clone`), so
+    /// the guest never runs beside an unfiltered thread, as in Firecracker.
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
-        if self.started.is_none() {
-            self.start()?;
+        let starting = self.started.is_none();
+        if starting {
+            self.spawn_vcpu_threads()?;
         }
         let epoll = Epoll::new().map_err(VmmError::Epoll)?;
         Self::epoll_add(&epoll, self.exit_evt.as_raw_fd(), TOKEN_EXIT)?;
@@ -263,6 +276,9 @@ impl Vmm {
         }
         if self.config.seccomp {
             seccomp::install(ThreadKind::Vmm)?;
+        }
+        if starting {
+            self.hand_over_vcpus()?;
         }
 
         let mut events = vec![EpollEvent::default(); 64];

@@ -196,18 +196,13 @@ impl Vcpu {
         self.metrics.clone()
     }
 
-    /// Starts the run loop on its own thread; with a `filter` (the vCPU seccomp filter) the
-    /// thread installs it on itself before its first `KVM_RUN`.
-    pub fn start(
-        self,
-        control: Arc<RunControl>,
-        filter: Option<Arc<BpfProgram>>,
-    ) -> Result<VcpuHandle, VcpuError> {
-        let thread = VcpuThread::spawn(self.id, filter)?;
-        self.start_on(thread, control)
+    /// The vCPU index.
+    pub fn id(&self) -> u8 {
+        self.id
     }
 
-    /// Starts the run loop on a thread made earlier by [`VcpuThread::spawn`].
+    /// Starts the run loop on its thread, made by [`VcpuThread::spawn`] (which installed the
+    /// vCPU seccomp filter first, if asked to).
     pub fn start_on(
         self,
         thread: VcpuThread,
