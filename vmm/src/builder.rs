@@ -23,7 +23,7 @@ use crate::devices::{Bus, BusError};
 use crate::seccomp::{self, ThreadKind};
 use crate::vmm::{VirtioSlot, Vmm};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
-use crate::vstate::vcpu::{RunControl, Vcpu, VcpuError};
+use crate::vstate::vcpu::{RunControl, Vcpu, VcpuError, VcpuThread};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors building the VM.
@@ -177,10 +177,26 @@ fn attach_virtio(
 /// started ([`Vmm::start`]).
 pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
     let cfg = config.get();
+    // The vCPU threads start first, so that their creation and seccomp install overlap the
+    // rest of the build (on a loaded host a new thread can wait milliseconds for a CPU).
+    // Not with a jail: the process changes its uid after the build, and glibc makes every
+    // thread do so, which the vCPU filter forbids; `Vmm::start` spawns them then.
+    let mut vcpu_threads = Vec::new();
+    if cfg.jail.is_none() {
+        let filter = if cfg.seccomp {
+            Some(Arc::new(seccomp::filter(ThreadKind::Vcpu)?))
+        } else {
+            None
+        };
+        for id in 0..cfg.vcpus {
+            vcpu_threads.push(VcpuThread::spawn(id, filter.clone())?);
+        }
+    }
     let mem_size = u64::from(cfg.mem_size_mib) << 20;
     let mem = create_guest_memory(mem_size)?;
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
+    vm.setup_irqchip()?;
 
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
     let initrd = match &cfg.initrd {
@@ -292,6 +308,7 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
         reset_evt,
         stop_evt: new_evt("the stop eventfd")?,
         vcpus,
+        vcpu_threads,
         serial,
         slots,
         cmdline: String::from_utf8_lossy(

@@ -11,6 +11,7 @@ use carapace_vmm::builder::build_vm;
 use carapace_vmm::config::{JailConfig, ValidatedConfig, VmConfig};
 use carapace_vmm::jail::{self, Role};
 use carapace_vmm::seccomp::{self, ThreadKind};
+use carapace_vmm::vmm::StopHandle;
 use carapace_vmm::vstate::vcpu::ExitReason;
 use clap::Parser;
 
@@ -47,6 +48,68 @@ fn block_stop_signals(with_sigchld: bool) -> anyhow::Result<libc::sigset_t> {
     Ok(set)
 }
 
+/// The thread that takes SIGTERM/SIGINT (blocked in every other thread) and stops the VM.
+///
+/// Spawned before the VM is built when there is no jail, so that its start and its seccomp
+/// filter overlap with the build instead of delaying the first vCPU run; [`Self::arm`] hands
+/// it the VM's stop handle and waits until its filter is on. With a jail it is spawned after
+/// entering the jail: the `setresuid` there is broadcast to every thread by glibc, which a
+/// filtered thread may not do.
+struct SignalThread {
+    installed: std::sync::mpsc::Receiver<Result<(), seccomp::SeccompError>>,
+    stop: std::sync::mpsc::Sender<StopHandle>,
+}
+
+impl SignalThread {
+    fn spawn(signals: libc::sigset_t, seccomp_on: bool) -> anyhow::Result<Self> {
+        let filter = if seccomp_on {
+            Some(seccomp::filter(ThreadKind::Signals)?)
+        } else {
+            None
+        };
+        let (installed_tx, installed) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<StopHandle>();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(filter) = filter {
+                    let result = seccomp::apply(ThreadKind::Signals, &filter);
+                    let failed = result.is_err();
+                    let _ = installed_tx.send(result);
+                    if failed {
+                        return;
+                    }
+                } else {
+                    let _ = installed_tx.send(Ok(()));
+                }
+                let mut sig = 0;
+                // SAFETY: `signals` is an initialised set and `sig` a valid out-pointer.
+                if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                    tracing::info!(signal = sig, "stop requested");
+                    // A signal taken while the VM is still being built stops it as soon
+                    // as it is armed. (Arming does not wake this thread, so it does not
+                    // compete with the vCPU threads for the CPU at start.)
+                    if let Ok(stop) = stop_rx.recv() {
+                        stop.stop();
+                    }
+                }
+            })
+            .context("cannot spawn the signal thread")?;
+        Ok(Self { installed, stop })
+    }
+
+    /// Gives the thread the VM's stop handle; returns once its filter is installed.
+    fn arm(self, stop: StopHandle) -> anyhow::Result<()> {
+        self.installed
+            .recv()
+            .context("the signal thread died")?
+            .context("signal thread")?;
+        self.stop
+            .send(stop)
+            .map_err(|_| anyhow::anyhow!("the signal thread died"))
+    }
+}
+
 /// Builds and runs the VM; with a jail, enters it between building and running.
 fn run_vm(
     config: ValidatedConfig,
@@ -55,6 +118,10 @@ fn run_vm(
 ) -> anyhow::Result<ExitReason> {
     let api_socket = config.get().api_socket.clone();
     let seccomp_on = config.get().seccomp;
+    let early_signal_thread = match jail {
+        None => Some(SignalThread::spawn(signals, seccomp_on)?),
+        Some(_) => None,
+    };
     let mut vmm = build_vm(&config).context("cannot build the VM")?;
     if let Some(path) = api_socket {
         vmm.enable_api(&path)?;
@@ -62,38 +129,11 @@ fn run_vm(
     if let Some((jail, ready)) = jail {
         jail::enter(jail, ready).context("cannot enter the jail")?;
     }
-    let stop = vmm.stop_handle()?;
-    let filter = if seccomp_on {
-        Some(seccomp::filter(ThreadKind::Signals)?)
-    } else {
-        None
+    let signal_thread = match early_signal_thread {
+        Some(thread) => thread,
+        None => SignalThread::spawn(signals, seccomp_on)?,
     };
-    let (installed_tx, installed) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(filter) = filter {
-                let result = seccomp::apply(ThreadKind::Signals, &filter);
-                let failed = result.is_err();
-                let _ = installed_tx.send(result);
-                if failed {
-                    return;
-                }
-            } else {
-                let _ = installed_tx.send(Ok(()));
-            }
-            let mut sig = 0;
-            // SAFETY: `signals` is an initialised set and `sig` a valid out-pointer.
-            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
-                tracing::info!(signal = sig, "stop requested");
-                stop.stop();
-            }
-        })
-        .context("cannot spawn the signal thread")?;
-    installed
-        .recv()
-        .context("the signal thread died")?
-        .context("signal thread")?;
+    signal_thread.arm(vmm.stop_handle()?)?;
     tracing::info!(cmdline = vmm.cmdline(), "starting the VM");
     Ok(vmm.run()?)
 }

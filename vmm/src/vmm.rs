@@ -20,7 +20,7 @@ use crate::devices::virtio::MmioTransport;
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vstate::vcpu::{
     pause_all, resume_all, stop_all, ExitReason, RunControl, Vcpu, VcpuError, VcpuHandle,
-    VcpuMetrics,
+    VcpuMetrics, VcpuThread,
 };
 use crate::vstate::vm::Vm;
 
@@ -74,6 +74,9 @@ pub struct VmmParts {
     pub stop_evt: EventFd,
     /// Configured vCPUs.
     pub vcpus: Vec<Vcpu>,
+    /// Their threads, if already spawned (one per vCPU, in order); empty: spawned by
+    /// [`Vmm::start`].
+    pub vcpu_threads: Vec<VcpuThread>,
     /// The console.
     pub serial: Arc<Mutex<Serial>>,
     /// Virtio devices.
@@ -102,6 +105,7 @@ pub struct Vmm {
     serial: Arc<Mutex<Serial>>,
     handles: Vec<VcpuHandle>,
     pending: Vec<Vcpu>,
+    pending_threads: Vec<VcpuThread>,
     vcpu_metrics: Vec<Arc<VcpuMetrics>>,
     control: Arc<RunControl>,
     exit_evt: EventFd,
@@ -145,6 +149,7 @@ impl Vmm {
             serial: p.serial,
             handles: Vec::new(),
             pending: p.vcpus,
+            pending_threads: p.vcpu_threads,
             vcpu_metrics,
             control: p.control,
             exit_evt: p.exit_evt,
@@ -189,18 +194,38 @@ impl Vmm {
         Ok(())
     }
 
-    /// Starts every vCPU thread (each installs the vCPU seccomp filter on itself first,
-    /// unless `seccomp` is off in the configuration).
+    /// Starts every vCPU on its thread: the one spawned while building, or a new one (each
+    /// installs the vCPU seccomp filter on itself first, unless `seccomp` is off in the
+    /// configuration).
     pub fn start(&mut self) -> Result<(), VmmError> {
-        self.started = Some(Instant::now());
+        self.spawn_vcpu_threads()?;
+        self.hand_over_vcpus()
+    }
+
+    /// Spawns the vCPU threads unless `build_vm` already did.
+    fn spawn_vcpu_threads(&mut self) -> Result<(), VmmError> {
+        if self.pending_threads.len() == self.pending.len() {
+            return Ok(());
+        }
+        self.pending_threads.clear();
         let filter = if self.config.seccomp {
             Some(Arc::new(seccomp::filter(ThreadKind::Vcpu)?))
         } else {
             None
         };
-        for vcpu in self.pending.drain(..) {
+        for vcpu in &self.pending {
+            self.pending_threads
+                .push(VcpuThread::spawn(vcpu.id(), filter.clone())?);
+        }
+        Ok(())
+    }
+
+    /// Gives each spawned thread its vCPU: from here on the guest runs.
+    fn hand_over_vcpus(&mut self) -> Result<(), VmmError> {
+        self.started = Some(Instant::now());
+        for (vcpu, thread) in self.pending.drain(..).zip(self.pending_threads.drain(..)) {
             self.handles
-                .push(vcpu.start(self.control.clone(), filter.clone())?);
+                .push(vcpu.start_on(thread, self.control.clone())?);
         }
         Ok(())
     }
@@ -221,10 +246,13 @@ impl Vmm {
     /// Unless `seccomp` is off in the configuration, the calling thread installs the
     /// event-loop filter on itself before serving anything, for good: afterwards it may only
     /// tear the VM down and exit (the binary's main thread), so tests call this on a thread
-    /// of its own.
+    /// of its own. Unless [`Self::start`] was called first, the vCPUs get to run only once
+    /// that filter is on (their threads are spawned before it, as it forbids `clone`), so
+    /// the guest never runs beside an unfiltered thread, as in Firecracker.
     pub fn run(&mut self) -> Result<ExitReason, VmmError> {
-        if self.started.is_none() {
-            self.start()?;
+        let starting = self.started.is_none();
+        if starting {
+            self.spawn_vcpu_threads()?;
         }
         let epoll = Epoll::new().map_err(VmmError::Epoll)?;
         Self::epoll_add(&epoll, self.exit_evt.as_raw_fd(), TOKEN_EXIT)?;
@@ -248,6 +276,9 @@ impl Vmm {
         }
         if self.config.seccomp {
             seccomp::install(ThreadKind::Vmm)?;
+        }
+        if starting {
+            self.hand_over_vcpus()?;
         }
 
         let mut events = vec![EpollEvent::default(); 64];

@@ -9,9 +9,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::{load_cmdline, Cmdline, Elf, KernelLoader};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::vstate::memory::{copy_file_to_guest, GuestFileReader};
 
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_MEM_START, ZERO_PAGE_START,
@@ -69,11 +69,12 @@ pub struct LoadedKernel {
 
 /// Loads the `vmlinux` ELF at its physical load address.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+    let file = File::open(path).map_err(|source| BootError::OpenKernel {
         path: path.display().to_string(),
         source,
     })?;
-    let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))?;
+    let mut reader = GuestFileReader::new(file, mem);
+    let result = Elf::load(mem, None, &mut reader, Some(GuestAddress(HIMEM_START)))?;
     Ok(LoadedKernel {
         entry: result.kernel_load,
         end: result.kernel_end,
@@ -117,7 +118,7 @@ pub fn load_initrd(
         .filter(|a| *a >= kernel_end.max(HIMEM_START))
         .ok_or(BootError::InitrdTooBig { size })?;
     let len = usize::try_from(size).map_err(|_| BootError::InitrdTooBig { size })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+    copy_file_to_guest(mem, &mut file, len, GuestAddress(addr))
         .map_err(|_| BootError::WriteInitrd)?;
     Ok(InitrdRegion {
         addr: GuestAddress(addr),
@@ -195,6 +196,7 @@ pub fn build_cmdline(user: &str, extra: &[String]) -> Result<Cmdline, BootError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     fn mem(size: usize) -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap()
