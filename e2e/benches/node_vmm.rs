@@ -6,7 +6,8 @@
 //!    the agent's readiness announcement as the runtime does; QEMU's vsock backend,
 //!    vhost-device-vsock, is started before the clock) and the monitor's resident memory
 //!    excluding guest RAM (RssAnon + RssFile; guest RAM is the memfd, counted in RssShmem).
-//!    Runs alternate between the two monitors; medians of `NODE_BENCH_RUNS` (default 5).
+//!    Runs alternate between the two monitors, and which goes first alternates too (QEMU in
+//!    odd runs); medians of `NODE_BENCH_RUNS` (default 5).
 //! 2. On this host's own KVM: `carapace-vmm` process spawn to the first guest instruction's
 //!    output (a payload whose first act is a byte to COM1), median of 20.
 //!
@@ -25,19 +26,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 const NODE_SCRIPT: &str = r#"
 CMDLINE="console=ttyS0 reboot=k panic=1 pci=off quiet"
+# The node has one CPU: let the previous monitor's teardown (its guest RAM freed, the KVM VM
+# destroyed) finish before the next clock starts, so neither side boots beside it.
+settle() { sync; sleep 2; }
 wait_for() { w=0; while [ ! -e "$1" ] && [ $w -lt 300 ]; do sleep 0.1; w=$((w + 1)); done; }
-for i in $(seq 1 $RUNS); do
-    mkdir -p /run/o$i /run/q$i
+ours() {
+    mkdir -p /run/o$i
     cat > /tmp/o$i.json <<EOF
 {"vcpus": 1, "mem_size_mib": 256, "kernel": "/guest/vmlinux", "initrd": "/guest/initramfs.cpio",
  "cmdline": "$CMDLINE", "serial": {"file": "/run/o$i/console.log"},
  "vsock": {"guest_cid": 3, "uds_path": "/run/o$i/vsock.sock"}}
 EOF
+    settle
     node_probe boot /run/o$i/vsock.sock $TIMEOUT_MS carapace-vmm --config /tmp/o$i.json | sed "s/^@@/@@ours.$i./"
+}
+qemu() {
+    mkdir -p /run/q$i
     /usr/local/bin/vhost-device-vsock --vm guest-cid=3,socket=/run/q$i/vhost.sock,uds-path=/run/q$i/vsock.sock >/run/q$i/backend.log 2>&1 &
     B=$!
     wait_for /run/q$i/vhost.sock
     [ -e /run/q$i/vhost.sock ] || { echo "vhost-device-vsock did not start:"; cat /run/q$i/backend.log; }
+    settle
     node_probe boot /run/q$i/vsock.sock $TIMEOUT_MS /usr/bin/qemu-system-x86_64 \
         -M microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off -accel kvm -cpu host \
         -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256M \
@@ -47,6 +56,11 @@ EOF
         -kernel /guest/vmlinux -initrd /guest/initramfs.cpio -append "$CMDLINE" | sed "s/^@@/@@qemu.$i./"
     [ -s /run/q$i/console.log ] && tail -5 /run/q$i/console.log | sed 's/^/qemu-guest| /'
     kill $B 2>/dev/null; wait $B 2>/dev/null
+}
+# Which monitor goes first alternates (QEMU in odd runs): the first boot in a fresh node was
+# faster than any later one (2.1 against 3.4 s for ours), and that must not favour one side.
+for i in $(seq 1 $RUNS); do
+    if [ $((i % 2)) -eq 1 ]; then qemu; ours; else ours; qemu; fi
 done
 "#;
 
