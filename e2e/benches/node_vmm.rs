@@ -26,7 +26,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 const NODE_SCRIPT: &str = r#"
 CMDLINE="console=ttyS0 reboot=k panic=1 pci=off quiet"
-# The node has one CPU: let the previous monitor's teardown (its guest RAM freed, the KVM VM
+# The node has two emulated CPUs: let the previous monitor's teardown (its guest RAM freed, the KVM VM
 # destroyed) finish before the next clock starts, so neither side boots beside it.
 settle() { sync; sleep 2; }
 wait_for() { w=0; while [ ! -e "$1" ] && [ $w -lt 300 ]; do sleep 0.1; w=$((w + 1)); done; }

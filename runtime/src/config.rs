@@ -123,9 +123,9 @@ impl Default for NetworkConfig {
 }
 
 /// See [`VmConfig::tcg_translation_cache_mib`]. A pod with one container
-/// fills about 42 MiB uncapped; 36 MiB kept each pod at 57 MiB of host
-/// memory besides guest RAM with no measurable cost in pod start
-/// (docs/performance.md), where 32 MiB made container starts slower.
+/// fills about 42 MiB uncapped; 36 MiB keeps each pod at 57 MiB of host
+/// memory besides guest RAM for about 100 ms more per container start
+/// (docs/performance.md).
 pub const DEFAULT_TCG_TRANSLATION_CACHE_MIB: u32 = 36;
 
 /// How pod VMs are built.
