@@ -187,7 +187,13 @@ impl WarmPool {
                 self.discard(warm).await;
             }
         }
-        // Boots cut short left their processes and record.
+        // Boots cut short left their processes and record: the processes
+        // are stopped before the daemon exits (a process it only signalled
+        // would outlive it, or stay as init's zombie).
+        let (records, _) = self.records.load_all::<WarmRecord>();
+        for vm in records.iter().filter_map(|record| record.vm.as_ref()) {
+            vm.stop().await;
+        }
         self.remove_leftovers(&HashSet::new());
     }
 
@@ -449,6 +455,63 @@ mod tests {
         assert!(
             pool.slots.lock().unwrap().is_empty(),
             "a failed boot is dropped"
+        );
+    }
+
+    /// The daemon stops while a warm VM boots: its process is gone (not
+    /// only signalled) and its record removed when shutdown() returns.
+    #[tokio::test]
+    async fn shutdown_stops_a_vm_still_booting() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            ..Config::default()
+        };
+        let driver = VmDriver::Qemu(crate::vm::qemu::QemuDriver::from_host().unwrap());
+        let network = Network::new(config.network.clone());
+        let pool = WarmPool::open(&config, driver, network, &HashSet::new()).unwrap();
+        let pool = Arc::new(WarmPool { target: 0, ..pool });
+
+        // A boot that recorded its monitor and now waits for the agent.
+        let run_dir = config.run_dir.join("b".repeat(16));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let mut sleep = tokio::process::Command::new("sleep");
+        sleep.arg("60");
+        let vm = VmHandle {
+            monitor: VmProcess::spawn("qemu", sleep, &dir.path().join("sleep.log")).unwrap(),
+            backend: None,
+            fs: None,
+            vsock_socket: run_dir.join("vsock.sock"),
+            vhost_socket: None,
+            fs_socket: None,
+            api_socket: None,
+            console_log: run_dir.join("console.log"),
+        };
+        let record = WarmRecord {
+            id: "b".repeat(64),
+            run_dir: run_dir.clone(),
+            netns: None,
+            vm: Some(vm.clone()),
+        };
+        pool.records.save(&record.id, &record).unwrap();
+        pool.slots
+            .lock()
+            .unwrap()
+            .push_back(tokio::spawn(std::future::pending()));
+
+        pool.shutdown().await;
+        let pid = vm.monitor.pid;
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the booting VM's process is gone, not a zombie"
+        );
+        assert!(!run_dir.exists());
+        assert_eq!(
+            std::fs::read_dir(config.state_dir.join("warm"))
+                .unwrap()
+                .count(),
+            0
         );
     }
 

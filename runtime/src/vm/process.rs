@@ -56,9 +56,18 @@ impl VmProcess {
     /// Whether this very process still runs (not a zombie, pid not reused).
     pub fn is_running(&self) -> bool {
         match proc_stat(self.pid) {
-            Some((state, ticks)) => ticks == self.start_ticks && state != 'Z' && state != 'X',
+            Some(stat) => stat.ticks == self.start_ticks && stat.state != 'Z' && stat.state != 'X',
             None => false,
         }
+    }
+
+    /// Whether this process ended but is still this daemon's zombie child:
+    /// the reaper task collects it soon. Until then it shows in `ps`, and
+    /// would become init's zombie if the daemon exited now.
+    fn is_unreaped_child(&self) -> bool {
+        proc_stat(self.pid).is_some_and(|stat| {
+            stat.ticks == self.start_ticks && stat.state == 'Z' && stat.ppid == std::process::id()
+        })
     }
 
     /// Sends `signal` if the process still runs.
@@ -84,10 +93,11 @@ impl VmProcess {
         self.signal(Signal::SIGKILL);
     }
 
-    /// Waits up to `timeout` for the process to end; true if it did.
+    /// Waits up to `timeout` for the process to end (and, if it is this
+    /// daemon's child, to be reaped); true if it did.
     pub async fn wait_exit(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        while self.is_running() {
+        while self.is_running() || self.is_unreaped_child() {
             if Instant::now() >= deadline {
                 return false;
             }
@@ -98,24 +108,35 @@ impl VmProcess {
 }
 
 fn start_ticks(pid: u32) -> Option<u64> {
-    proc_stat(pid).map(|(_, ticks)| ticks)
+    proc_stat(pid).map(|stat| stat.ticks)
 }
 
-/// State letter and start time of `pid`, from `/proc/<pid>/stat`.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
+/// What the daemon reads of `/proc/<pid>/stat`.
+#[derive(Debug, PartialEq, Eq)]
+struct ProcStat {
+    /// Field 3: `R`, `S`, `Z`...
+    state: char,
+    /// Field 4: the parent's pid.
+    ppid: u32,
+    /// Field 22: start time in clock ticks after boot.
+    ticks: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&stat)
 }
 
-fn parse_stat(stat: &str) -> Option<(char, u64)> {
+fn parse_stat(stat: &str) -> Option<ProcStat> {
     // The command name (field 2) may contain spaces and parentheses: the
     // fields we want follow the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
     // `rest` starts at field 3 (state); start time is field 22.
-    let ticks = fields.nth(18)?.parse().ok()?;
-    Some((state, ticks))
+    let ticks = fields.nth(17)?.parse().ok()?;
+    Some(ProcStat { state, ppid, ticks })
 }
 
 #[cfg(test)]
@@ -125,7 +146,14 @@ mod tests {
     #[test]
     fn parses_proc_stat() {
         let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 987654 1000 10";
-        assert_eq!(parse_stat(stat), Some(('S', 987654)));
+        assert_eq!(
+            parse_stat(stat),
+            Some(ProcStat {
+                state: 'S',
+                ppid: 1,
+                ticks: 987654
+            })
+        );
         assert_eq!(parse_stat("garbage"), None);
     }
 
@@ -144,5 +172,9 @@ mod tests {
         assert!(!impostor.is_running());
         p.stop(Duration::from_secs(2)).await;
         assert!(!p.is_running());
+        assert!(
+            !Path::new(&format!("/proc/{}", p.pid)).exists(),
+            "stop() returns once the child is reaped, not a zombie"
+        );
     }
 }
