@@ -7,7 +7,11 @@ use kvm_bindings::CpuId;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Bit 28 of leaf 1 EDX: more than one logical processor per package.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
-/// Bit 24 of leaf 1 ECX: TSC deadline timer; kept only if KVM emulates it.
+/// Bit 24 of leaf 1 ECX: TSC deadline timer. KVM emulates it in its local APIC when it has
+/// `KVM_CAP_TSC_DEADLINE_TIMER`, but does not list it in its supported CPUID (it is an
+/// emulated feature): the VMM sets it. The guest then arms its timer with one `wrmsr` (an
+/// exit KVM handles from the MSR index), where the one-shot APIC timer takes an MMIO write
+/// KVM must decode as an instruction.
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 
 /// Rewrites `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `cpu_id` of `cpu_count`.
@@ -21,7 +25,9 @@ pub fn adjust_for_vcpu(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, tsc_deadlin
                 // line size in 8-byte units.
                 entry.ebx = (u32::from(cpu_id) << 24) | (u32::from(cpu_count) << 16) | (8 << 8);
                 entry.ecx |= LEAF1_ECX_HYPERVISOR;
-                if !tsc_deadline {
+                if tsc_deadline {
+                    entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                } else {
                     entry.ecx &= !LEAF1_ECX_TSC_DEADLINE;
                 }
                 if cpu_count > 1 {
@@ -86,5 +92,19 @@ mod tests {
         assert_ne!(e[0].edx & LEAF1_EDX_HTT, 0);
         assert_eq!(e[1].edx, 2);
         assert_eq!((e[2].eax, e[2].ebx), (2, 3));
+        assert_eq!(
+            e[0].ecx & LEAF1_ECX_TSC_DEADLINE,
+            0,
+            "not without the capability"
+        );
+    }
+
+    #[test]
+    fn tsc_deadline_follows_the_capability() {
+        let mut cpuid = CpuId::from_entries(&[leaf(1, 0)]).unwrap();
+        adjust_for_vcpu(&mut cpuid, 0, 1, true);
+        assert_ne!(cpuid.as_slice()[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        adjust_for_vcpu(&mut cpuid, 0, 1, false);
+        assert_eq!(cpuid.as_slice()[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
     }
 }
