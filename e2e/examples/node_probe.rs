@@ -10,8 +10,8 @@
 //!     one control API request to carapace-vmm, prints the reply line
 //! node_probe boot <vsock.sock> <timeout_ms> <program> [args...]
 //!     spawns the monitor, times spawn -> first Health answer, reads the monitor's resident
-//!     memory (anonymous + file; guest RAM is shared memory and counted apart), then stops
-//!     it with SIGTERM. Like the runtime, it first waits for the agent's readiness
+//!     memory (in all, by kind, and that of its largest mapping: guest RAM), then stops
+//!     it with SIGTERM (after running `sh -c "$NODE_PROBE_BEFORE_STOP"` if set). Like the runtime, it first waits for the agent's readiness
 //!     announcement on `<vsock.sock>_1025` and only then connects: vhost-device-vsock (the
 //!     QEMU side's backend) stops answering host connections that arrive while the guest's
 //!     vsock driver is still starting (docs/design.md, record 8)
@@ -157,6 +157,30 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The resident KiB of the process's largest mapping: guest RAM, whether a shared memfd or
+/// private anonymous memory (no other mapping of either monitor comes near its size).
+fn guest_ram_rss_kib(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.strip_prefix(name)?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    // (Size, Rss) of each mapping, in the order smaps lists their fields.
+    let mut mappings: Vec<(u64, u64)> = Vec::new();
+    for line in smaps.lines() {
+        if let Some(size) = field(line, "Size:") {
+            mappings.push((size, 0));
+        } else if let (Some(rss), Some(last)) = (field(line, "Rss:"), mappings.last_mut()) {
+            last.1 = rss;
+        }
+    }
+    mappings.iter().max_by_key(|m| m.0).map_or(0, |m| m.1)
+}
+
 /// Spawns the monitor, times it to the agent's first answer, measures it, stops it.
 fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
     let rt = runtime();
@@ -195,6 +219,7 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
         Ok(_) => {
             result("boot_ms", elapsed.as_millis());
             for (key, field) in [
+                ("rss_kb", "VmRSS"),
                 ("rss_anon_kb", "RssAnon"),
                 ("rss_file_kb", "RssFile"),
                 ("rss_shmem_kb", "RssShmem"),
@@ -202,6 +227,7 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
             ] {
                 result(key, status_kib(pid, field));
             }
+            result("rss_guest_kb", guest_ram_rss_kib(pid));
             true
         }
         Err(e) => {
@@ -209,6 +235,10 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
             false
         }
     };
+    // A profile's hook: reads the live VM's state (the node's KVM counters) before it goes.
+    if let Ok(hook) = std::env::var("NODE_PROBE_BEFORE_STOP") {
+        let _ = Command::new("sh").arg("-c").arg(hook).status();
+    }
     // Our own child, not yet waited for: the pid cannot have been reused.
     if let Err(e) = Command::new("kill")
         .args(["-TERM", &pid.to_string()])

@@ -1,14 +1,25 @@
-//! Guest memory, backed by one sealed memfd so that vhost-user backends (virtiofsd) can map
-//! the same pages later: each RAM region is a window of that file mapped `MAP_SHARED`.
+//! Guest memory, in one of two backings:
+//!
+//! - **shared**, when a vhost-user backend (virtiofsd) must map the same pages: one sealed
+//!   memfd, each RAM region a window of it mapped `MAP_SHARED`;
+//! - **private** otherwise (every device in this process): anonymous memory, each region
+//!   placed at a 2 MiB-aligned host address so that KVM can map a transparent huge page of
+//!   the host with one 2 MiB entry of the guest's nested page tables, where a 4 KiB page needs
+//!   one nested page fault (a VM exit) per page. See docs/vmm.md, "Guest memory".
+//!
+//! Both are advised `MADV_HUGEPAGE`; for the memfd that takes effect only where the host
+//! allows huge pages in shared memory (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`
+//! at `advise` or more; Debian's default is `never`).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::bitmap::BitmapSlice;
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress, ReadVolatile, VolatileMemoryError, VolatileSlice,
+    GuestRegionMmap, MemoryRegionAddress, ReadVolatile, VolatileMemoryError, VolatileSlice,
 };
 
 use crate::arch::x86_64::layout::ram_regions;
@@ -22,7 +33,22 @@ pub enum MemoryError {
     /// Mapping the regions failed.
     #[error("cannot map guest memory: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
+    /// Mapping private guest memory failed.
+    #[error("cannot map guest memory: {0}")]
+    MapPrivate(#[source] std::io::Error),
 }
+
+/// What backs guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// One sealed memfd, mapped shared: a vhost-user backend can map it too.
+    Shared,
+    /// Private anonymous memory at 2 MiB-aligned host addresses.
+    Private,
+}
+
+/// A transparent huge page of x86-64, and the alignment private regions get.
+const HUGE_PAGE: usize = 2 << 20;
 
 /// Creates a memfd of `size` bytes that can neither grow nor shrink.
 pub fn create_memfd(size: u64) -> Result<File, MemoryError> {
@@ -44,8 +70,114 @@ pub fn create_memfd(size: u64) -> Result<File, MemoryError> {
     Ok(file)
 }
 
+/// Guest RAM of `mem_size` bytes laid out by [`ram_regions`], backed as `backing` says, and
+/// advised `MADV_HUGEPAGE`.
+pub fn create_guest_memory(
+    mem_size: u64,
+    backing: Backing,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let mem = match backing {
+        Backing::Shared => shared_memory(mem_size)?,
+        Backing::Private => private_memory(mem_size)?,
+    };
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .expect("a region's first byte is in it");
+        // SAFETY: advice on a range this process mapped; it changes no content. Failure
+        // (a kernel without transparent huge pages) leaves ordinary pages, which is fine.
+        unsafe {
+            libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE);
+        }
+    }
+    Ok(mem)
+}
+
+/// Private anonymous regions, each at a host address that is a multiple of [`HUGE_PAGE`] (as
+/// every region's guest address is): KVM maps a huge page with one nested entry only where
+/// host and guest addresses agree modulo its size, and the kernel here does not align
+/// anonymous mappings by itself.
+///
+/// The mappings stay for the life of the process (vm-memory only unmaps mappings it made
+/// itself): a VMM process runs one VM, whose memory goes when the process exits.
+fn private_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::new();
+    for (start, len) in ram_regions(mem_size) {
+        let len = usize::try_from(len)
+            .map_err(|_| MemoryError::MapPrivate(std::io::ErrorKind::InvalidInput.into()))?;
+        let host = map_aligned(len).map_err(MemoryError::MapPrivate)?;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: `host..host + len` was just mapped with these protections and flags and is
+        // never unmapped.
+        let mapping = unsafe { MmapRegion::build_raw(host, len, prot, flags) }
+            .map_err(|e| MemoryError::MapPrivate(std::io::Error::other(e)))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| {
+            MemoryError::MapPrivate(std::io::Error::other("region wraps the address space"))
+        })?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| MemoryError::MapPrivate(std::io::Error::other(e)))
+}
+
+/// Maps `len` bytes of private anonymous memory at a multiple of [`HUGE_PAGE`]: reserves
+/// `len + HUGE_PAGE` bytes of address space, maps the memory over its aligned part, and
+/// returns the rest of the reservation.
+fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
+    let reserve = len
+        .checked_add(HUGE_PAGE)
+        .ok_or(std::io::ErrorKind::InvalidInput)?;
+    let noreserve = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a new mapping at an address of the kernel's choice; the result is checked.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_NONE,
+            noreserve,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    // SAFETY: `start..start + len` lies inside the reservation just made, which nothing else
+    // uses: MAP_FIXED replaces only that.
+    let mapped = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            noreserve | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    let result = if mapped == libc::MAP_FAILED {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(start as *mut u8)
+    };
+    // The reservation's unused head and tail (all of it if the mapping failed).
+    let (keep_start, keep_end) = match result {
+        Ok(_) => (start, start + len),
+        Err(_) => (base, base),
+    };
+    for (from, to) in [(base, keep_start), (keep_end.max(base), base + reserve)] {
+        if to > from {
+            // SAFETY: unmaps parts of our own reservation that hold nothing.
+            unsafe { libc::munmap(from as *mut libc::c_void, to - from) };
+        }
+    }
+    result
+}
+
 /// Guest RAM of `mem_size` bytes laid out by [`ram_regions`], all in one memfd.
-pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+fn shared_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let file = create_memfd(mem_size)?;
     let mut offset = 0u64;
     let mut ranges = Vec::new();
@@ -124,6 +256,7 @@ pub fn copy_file_to_guest(
         .ok()
         .and_then(|host| memfd_at_host(mem, host as u64, len));
     let Some((memfd, offset)) = target else {
+        file.seek(SeekFrom::Start(0))?;
         return mem
             .read_exact_volatile_from(addr, file, len)
             .map_err(std::io::Error::other);
@@ -195,7 +328,7 @@ mod tests {
 
     #[test]
     fn memory_is_one_shared_memfd() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(64 << 20, Backing::Shared).unwrap();
         assert_eq!(mem.num_regions(), 1);
         let region = mem.iter().next().unwrap();
         let fo = region.file_offset().expect("file backed");
@@ -211,8 +344,34 @@ mod tests {
     }
 
     #[test]
+    fn private_memory_is_anonymous_and_huge_page_aligned() {
+        // Above 3 GiB of RAM the layout has two regions (below and above the MMIO gap).
+        let mem = create_guest_memory(4 << 30, Backing::Private).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        for region in mem.iter() {
+            assert!(region.file_offset().is_none(), "not file backed");
+            let host = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+            assert_eq!(host % HUGE_PAGE, 0, "host address {host:#x}");
+            assert_eq!(region.start_addr().0 % HUGE_PAGE as u64, 0);
+        }
+        // Usable at both ends of each region; files are copied through the mapping.
+        let high = mem.last_addr();
+        mem.write_obj(0x1122_3344_u32, GuestAddress(0)).unwrap();
+        mem.write_obj(0x55_u8, high).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0)).unwrap(), 0x1122_3344);
+        assert_eq!(mem.read_obj::<u8>(high).unwrap(), 0x55);
+        let data: Vec<u8> = (0..5000).map(|i| (i % 241) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &data).unwrap();
+        copy_file_to_guest(&mem, &mut file, data.len(), GuestAddress(0x10_0001)).unwrap();
+        let mut back = vec![0u8; data.len()];
+        mem.read_slice(&mut back, GuestAddress(0x10_0001)).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
     fn files_are_copied_into_guest_memory_through_the_memfd() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(64 << 20, Backing::Shared).unwrap();
         let data: Vec<u8> = (0..3 * 4096 + 123).map(|i| (i * 7 % 251) as u8).collect();
         let mut file = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut file, &data).unwrap();
@@ -235,7 +394,7 @@ mod tests {
 
     #[test]
     fn guest_file_reader_fills_guest_memory_through_the_memfd() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(64 << 20, Backing::Shared).unwrap();
         let data: Vec<u8> = (0..2 * 4096 + 77).map(|i| (i * 13 % 253) as u8).collect();
         let mut file = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut file, &data).unwrap();
@@ -263,7 +422,7 @@ mod tests {
     #[test]
     fn large_memory_skips_the_gap() {
         // Only the mapping is created (MAP_NORESERVE); nothing is touched.
-        let mem = create_guest_memory(4 << 30).unwrap();
+        let mem = create_guest_memory(4 << 30, Backing::Shared).unwrap();
         assert_eq!(mem.num_regions(), 2);
         let high = mem.iter().nth(1).unwrap();
         assert_eq!(high.start_addr(), GuestAddress(1 << 32));

@@ -28,7 +28,7 @@ use crate::devices::virtio::{
     status, InterruptKind, IrqLine, MmioTransport, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
 };
-use crate::vstate::memory::create_guest_memory;
+use crate::vstate::memory::{create_guest_memory, Backing};
 
 // vhost-user request codes.
 const GET_FEATURES: u32 = 1;
@@ -271,7 +271,7 @@ fn handshake_activation_and_reset_send_what_the_spec_asks() {
     );
     // 4 GiB: two RAM regions around the MMIO gap, both windows of one memfd. Only the
     // pages the queues use are touched.
-    let mem = create_guest_memory(4 << 30).unwrap();
+    let mem = create_guest_memory(4 << 30, Backing::Shared).unwrap();
     assert_eq!(mem.num_regions(), 2);
     let dev = Fs::new(&fs_config(&backend.socket, 1), None).unwrap();
     let metrics = dev.metrics();
@@ -517,7 +517,7 @@ fn backend_with_too_few_queues_or_no_socket_is_refused() {
 fn refused_setup_breaks_the_device_until_reset() {
     let mut backend = FakeBackend::start(Mode::Normal, PF_REPLY_ACK, 0);
     backend.refuse.store(SET_MEM_TABLE, Ordering::SeqCst);
-    let mem = create_guest_memory(64 << 20).unwrap();
+    let mem = create_guest_memory(64 << 20, Backing::Shared).unwrap();
     let dev = Fs::new(&fs_config(&backend.socket, 1), None).unwrap();
     let metrics = dev.metrics();
     let mut t = transport(&mem, dev);
@@ -540,7 +540,7 @@ fn refused_setup_breaks_the_device_until_reset() {
 #[test]
 fn backend_hang_up_while_active_asks_for_a_reset() {
     let mut backend = FakeBackend::start(Mode::Normal, PF_REPLY_ACK, 0);
-    let mem = create_guest_memory(64 << 20).unwrap();
+    let mem = create_guest_memory(64 << 20, Backing::Shared).unwrap();
     let dev = Fs::new(&fs_config(&backend.socket, 1), None).unwrap();
     let metrics = dev.metrics();
     let mut t = transport(&mem, dev);
@@ -582,7 +582,7 @@ impl VirtioInterrupt for FlakyInterrupt {
 #[test]
 fn every_counter_moves() {
     let backend = FakeBackend::start(Mode::Normal, PF_REPLY_ACK, 0);
-    let mem = create_guest_memory(64 << 20).unwrap();
+    let mem = create_guest_memory(64 << 20, Backing::Shared).unwrap();
     let mut dev = Fs::new(&fs_config(&backend.socket, 1), None).unwrap();
     let metrics: Arc<FsMetrics> = dev.metrics();
     let kicks = [
@@ -773,7 +773,7 @@ fn fuse_init(
 #[test]
 fn virtiofsd_answers_fuse_init_through_our_rings_and_exits_when_we_go() {
     let mut daemon = Virtiofsd::start();
-    let mem = create_guest_memory(64 << 20).unwrap();
+    let mem = create_guest_memory(64 << 20, Backing::Shared).unwrap();
     let dev = Fs::new(&fs_config(&daemon.socket, 1), None).unwrap();
     let metrics = dev.metrics();
     let features = dev.avail_features();
