@@ -8,7 +8,9 @@
 //!    excluding guest RAM (VmRSS less the resident part of its largest mapping, guest RAM:
 //!    QEMU's memfd, which its vhost-user vsock backend needs; our private memory).
 //!    Runs alternate between the two monitors, and which goes first alternates too (QEMU in
-//!    odd runs); medians of `NODE_BENCH_RUNS` (default 5).
+//!    odd runs); medians of `NODE_BENCH_RUNS` (default 5). Also the node's KVM counters per
+//!    boot (exits, nested page faults, instruction emulations, port and MMIO exits, huge
+//!    pages mapped), read while the VM still runs.
 //! 2. On this host's own KVM: `carapace-vmm` process spawn to the first guest instruction's
 //!    output (a payload whose first act is a byte to COM1), median of 20.
 //!
@@ -27,6 +29,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 const NODE_SCRIPT: &str = r#"
 CMDLINE="console=ttyS0 reboot=k panic=1 pci=off quiet"
+# The node's KVM counters (summed over live VMs: only the one just booted), read by node_probe
+# after the agent answered and before it stops the monitor.
+mount -t debugfs none /sys/kernel/debug
+export NODE_PROBE_BEFORE_STOP='for c in exits pf_taken insn_emulation io_exits mmio_exits pages_2m; do echo "@@kvm_$c $(cat /sys/kernel/debug/kvm/$c)"; done'
+
 # The node has two emulated CPUs: let the previous monitor's teardown (its guest RAM freed, the KVM VM
 # destroyed) finish before the next clock starts, so neither side boots beside it.
 settle() { sync; sleep 2; }
@@ -102,6 +109,22 @@ fn node_bench(runs: usize) {
         row.push((median(boot), median(rss), median(guest)));
     }
     let ((ob, or, og), (qb, qr, qg)) = (row[0], row[1]);
+    println!("node KVM counters per boot, median (our VMM | QEMU):");
+    for counter in [
+        "exits",
+        "pf_taken",
+        "insn_emulation",
+        "io_exits",
+        "mmio_exits",
+        "pages_2m",
+    ] {
+        let key = format!("kvm_{counter}");
+        println!(
+            "  {counter}: {:.0} | {:.0}",
+            median(series("ours", &key)),
+            median(series("qemu", &key))
+        );
+    }
     println!("node, median of {runs} (our VMM | QEMU microvm -accel kvm | ratio QEMU/ours):");
     println!(
         "  boot to agent ready: {ob:.0} ms | {qb:.0} ms | {:.2}x",
