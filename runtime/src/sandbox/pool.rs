@@ -364,6 +364,22 @@ mod tests {
     use super::*;
     use crate::vm::process::VmProcess;
 
+    /// A VM whose monitor is a `sleep`, with its sockets and log in `run_dir`.
+    fn sleeping_vm(run_dir: &std::path::Path) -> VmHandle {
+        let mut sleep = tokio::process::Command::new("sleep");
+        sleep.arg("60");
+        VmHandle {
+            monitor: VmProcess::spawn("qemu", sleep, &run_dir.join("sleep.log")).unwrap(),
+            backend: None,
+            fs: None,
+            vsock_socket: run_dir.join("vsock.sock"),
+            vhost_socket: None,
+            fs_socket: None,
+            api_socket: None,
+            console_log: run_dir.join("console.log"),
+        }
+    }
+
     /// What a daemon that crashed leaves: a warm VM with a process and a
     /// namespace, one without either yet, one a pod had already taken, a
     /// corrupt record, and a record pointing outside the run directory.
@@ -382,18 +398,7 @@ mod tests {
         for c in ['a', 'b', 'p'] {
             std::fs::create_dir_all(run_dir(c).join("shared")).unwrap();
         }
-        let mut sleep = tokio::process::Command::new("sleep");
-        sleep.arg("60");
-        let vm = VmHandle {
-            monitor: VmProcess::spawn("qemu", sleep, &dir.path().join("sleep.log")).unwrap(),
-            backend: None,
-            fs: None,
-            vsock_socket: run_dir('a').join("vsock.sock"),
-            vhost_socket: None,
-            fs_socket: None,
-            api_socket: None,
-            console_log: run_dir('a').join("console.log"),
-        };
+        let vm = sleeping_vm(&run_dir('a'));
         assert!(vm.is_running());
         let netns = config.network.netns_dir.join(id('a'));
         netns::create(&netns).unwrap();
@@ -476,18 +481,7 @@ mod tests {
         // A boot that recorded its monitor and now waits for the agent.
         let run_dir = config.run_dir.join("b".repeat(16));
         std::fs::create_dir_all(&run_dir).unwrap();
-        let mut sleep = tokio::process::Command::new("sleep");
-        sleep.arg("60");
-        let vm = VmHandle {
-            monitor: VmProcess::spawn("qemu", sleep, &dir.path().join("sleep.log")).unwrap(),
-            backend: None,
-            fs: None,
-            vsock_socket: run_dir.join("vsock.sock"),
-            vhost_socket: None,
-            fs_socket: None,
-            api_socket: None,
-            console_log: run_dir.join("console.log"),
-        };
+        let vm = sleeping_vm(&run_dir);
         let record = WarmRecord {
             id: "b".repeat(64),
             run_dir: run_dir.clone(),
