@@ -10,8 +10,9 @@
 //!     one control API request to carapace-vmm, prints the reply line
 //! node_probe boot <vsock.sock> <timeout_ms> <program> [args...]
 //!     spawns the monitor, times spawn -> first Health answer, reads the monitor's resident
-//!     memory (in all, by kind, and that of its largest mapping: guest RAM), then stops
-//!     it with SIGTERM (after running `sh -c "$NODE_PROBE_BEFORE_STOP"` if set). Like the runtime, it first waits for the agent's readiness
+//!     memory (in all, by kind, and that of its largest mapping: guest RAM), runs
+//!     `sh -c "$NODE_PROBE_BEFORE_STOP"` if set (the VM still runs), then stops the monitor
+//!     with SIGTERM. Like the runtime, it first waits for the agent's readiness
 //!     announcement on `<vsock.sock>_1025` and only then connects: vhost-device-vsock (the
 //!     QEMU side's backend) stops answering host connections that arrive while the guest's
 //!     vsock driver is still starting (docs/design.md, record 8)
