@@ -22,7 +22,7 @@ use crate::devices::virtio::{IrqLine, MmioTransport, VirtioDevice};
 use crate::devices::{Bus, BusError};
 use crate::seccomp::{self, ThreadKind};
 use crate::vmm::{VirtioSlot, Vmm};
-use crate::vstate::memory::{create_guest_memory, Backing, MemoryError};
+use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{RunControl, Vcpu, VcpuError, VcpuThread};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -193,13 +193,7 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
         }
     }
     let mem_size = u64::from(cfg.mem_size_mib) << 20;
-    // Only a vhost-user backend (virtiofsd) maps guest memory from outside this process.
-    let backing = if cfg.fs.is_empty() {
-        Backing::Private
-    } else {
-        Backing::Shared
-    };
-    let mem = create_guest_memory(mem_size, backing)?;
+    let mem = create_guest_memory(mem_size, cfg.memory_backing())?;
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::vstate::memory::Backing;
+
 /// Most vCPUs a VM may have (one thread each).
 pub const MAX_VCPUS: u8 = 32;
 /// Smallest guest RAM we accept: below this nothing useful boots.
@@ -326,6 +328,16 @@ fn path_in_jail(field: &'static str, root: &Path, path: &Path) -> Result<PathBuf
 }
 
 impl VmConfig {
+    /// What backs guest RAM: shared (a memfd) only when a vhost-user backend (virtiofsd) must
+    /// map it from outside this process; every other device lives in it.
+    pub fn memory_backing(&self) -> Backing {
+        if self.fs.is_empty() {
+            Backing::Private
+        } else {
+            Backing::Shared
+        }
+    }
+
     /// Reads and parses a JSON file (does not validate).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -728,6 +740,13 @@ mod tests {
         let fs = &ok.fs[0];
         assert_eq!((fs.num_request_queues, fs.queue_size), (1, 1024));
         ok.clone().validate().unwrap();
+        // virtiofsd maps guest RAM: it must be the shared memfd; without it, private.
+        assert_eq!(ok.memory_backing(), Backing::Shared);
+        let without = VmConfig {
+            fs: Vec::new(),
+            ..ok.clone()
+        };
+        assert_eq!(without.memory_backing(), Backing::Private);
 
         let with = |f: &dyn Fn(&mut FsConfig)| {
             let mut cfg = ok.clone();
