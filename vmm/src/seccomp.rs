@@ -341,9 +341,30 @@ mod tests {
         unsafe { libc::syscall(libc::SYS_shutdown, -1, libc::SHUT_RDWR) };
     }
 
+    fn drop_groups_and_keep_ids() {
+        // SAFETY: raw syscalls with plain integer arguments (-1: keep that id); in a
+        // throwaway child.
+        unsafe {
+            libc::syscall(libc::SYS_setgroups, 0, 0usize);
+            libc::syscall(libc::SYS_setresgid, -1, -1, -1);
+            libc::syscall(libc::SYS_setresuid, -1, -1, -1);
+        }
+    }
+
+    fn set_one_group() {
+        let groups: [libc::gid_t; 1] = [0];
+        // SAFETY: a valid one-element array; in a throwaway child.
+        unsafe { libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) };
+    }
+
     #[test]
     fn watchdog_filter_may_cut_a_connection_and_nothing_more() {
         assert_allowed(ThreadKind::Watchdog, shutdown_on_bad_fd);
+        // glibc's broadcast of the jail's privilege drop reaches this thread, which exists
+        // before it; only clearing the groups is allowed, not setting any.
+        assert_allowed(ThreadKind::Watchdog, drop_groups_and_keep_ids);
+        assert_forbidden(ThreadKind::Watchdog, set_one_group);
+        assert_forbidden(ThreadKind::Vcpu, drop_groups_and_keep_ids);
         assert_allowed(ThreadKind::Watchdog, data_mapping);
         assert_forbidden(ThreadKind::Watchdog, socket_unix);
         assert_forbidden(ThreadKind::Watchdog, openat);
