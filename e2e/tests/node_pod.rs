@@ -4,7 +4,8 @@
 //! from virtiofsd through the VMM's vhost-user frontend, the agent over its virtio-vsock),
 //! and `carapace demo` drives it through CRI as kubelet would: RunPodSandbox, CreateContainer,
 //! StartContainer, the container's CRI log, StopPodSandbox, RemovePodSandbox; then
-//! `node_probe cri` a second pod with a long-running container and ExecSync into it.
+//! `node_probe cri` a second pod with a long-running container and ExecSync into it. Every
+//! VMM runs in its jail (`vm.jail`, the default).
 //! Run with `cargo nextest run -p carapace-e2e --test node_pod`.
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,8 @@ echo "@@left-layers $(ls /run/c/containers | wc -l)"
 grep -q "VM driver: builtin" /run/c/daemon.log && echo "@@driver builtin"
 grep -q "pod sandbox gets a warm VM" /run/c/daemon.log && echo "@@warm-taken yes"
 echo "@@warm-vms $(ls /run/c/state/warm | wc -l)"
+# The warm VM's VMM (the jail's supervisor and the VMM itself) runs as its jail's uid.
+echo "@@vmm-uids $(for p in $(pidof carapace-vmm); do awk '/^Uid:/ { print $2, $3, $4, $5 }' /proc/$p/status; done | tr ' ' '\n' | sort -u | tr '\n' ' ')"
 # Pods are gone; the warm VM waiting for the next one goes with the daemon.
 kill $D; wait $D
 echo "@@daemon-exit $?"
@@ -129,6 +132,15 @@ fn node_pod_through_cri_with_the_builtin_driver() {
     out.check(
         out.get("warm-vms") == "1",
         "a replacement warm VM while the daemon runs",
+    );
+    let uids: Vec<u64> = out
+        .get("vmm-uids")
+        .split_whitespace()
+        .filter_map(|u| u.parse().ok())
+        .collect();
+    out.check(
+        uids.len() == 1 && (2_000_000_000..2_000_065_536).contains(&uids[0]),
+        "the VMM runs jailed, as one uid of vm.jail_id_base's range (the default)",
     );
     out.check(
         out.get("left-vmm") == "0",

@@ -160,7 +160,17 @@ pub struct VmConfig {
     /// idle VM's memory on the node, charged to the daemon's cgroup until a
     /// pod takes it; 0 turns the pool off.
     pub warm_pool: u8,
+    /// builtin driver only: each VMM runs in its jail (docs/vmm.md, "The
+    /// jail": its own mount and pid namespaces, the VM's run directory as its
+    /// root, no capabilities, and a uid and gid of its own, unused by any
+    /// running process, from `jail_id_base` to `jail_id_base + 65535`).
+    pub jail: bool,
+    /// The first uid/gid of the jails' range (see `jail`).
+    pub jail_id_base: u32,
 }
+
+/// How many uids/gids the jails may use, from `vm.jail_id_base`.
+pub const JAIL_IDS: u32 = 65536;
 
 /// Upper bound of `vm.warm_pool`: idle VMs cost memory and boot CPU.
 const MAX_WARM_POOL: u8 = 16;
@@ -196,6 +206,8 @@ impl Default for VmConfig {
             boot_timeout_secs: 60,
             tcg_translation_cache_mib: DEFAULT_TCG_TRANSLATION_CACHE_MIB,
             warm_pool: 1,
+            jail: true,
+            jail_id_base: 2_000_000_000,
         }
     }
 }
@@ -255,6 +267,12 @@ impl Config {
         }
         if vm.warm_pool > MAX_WARM_POOL {
             return Err(format!("vm.warm_pool must be at most {MAX_WARM_POOL}"));
+        }
+        if vm.jail_id_base == 0 || vm.jail_id_base.checked_add(JAIL_IDS).is_none() {
+            return Err(format!(
+                "vm.jail_id_base must be between 1 and {} (the jails use {JAIL_IDS} ids from it)",
+                u32::MAX - JAIL_IDS
+            ));
         }
         if vm.boot_timeout_secs == 0 {
             return Err("vm.boot_timeout_secs must be at least 1".into());
@@ -366,6 +384,8 @@ mod tests {
         assert!(err("[registry]\ninsecure = [\"\"]").contains("registry"));
         assert!(err("[network]\nnetns_dir = \"rel\"").contains("netns_dir"));
         assert!(err("[network]\ncni_dir = \"/x\"").contains("cni_dir"));
+        assert!(err("[vm]\njail_id_base = 0").contains("jail_id_base"));
+        assert!(err("[vm]\njail_id_base = 4294967000").contains("jail_id_base"));
     }
 
     #[test]

@@ -756,9 +756,10 @@ fn place(vm: &StartedVm, cgroup: Option<&Path>) -> Result<(), SandboxError> {
     let Some(cg) = cgroup else {
         return Ok(());
     };
-    vm.handle
-        .pids()
-        .into_iter()
+    // A jailed VMM runs as the child of the monitor process on record.
+    let mut pids = vm.handle.pids();
+    pids.extend(vm.handle.monitor.children());
+    pids.into_iter()
         .try_for_each(|pid| host_cgroup::add(cg, pid))
         .map_err(|e| SandboxError::Io {
             what: "placing the pod VM in its cgroup".into(),

@@ -4,8 +4,14 @@
 //! the VMM's own); virtiofsd serves the pod's shared directory through the
 //! VMM's vhost-user frontend; the pod network's tap is opened by name inside
 //! the pod's network namespace, where the VMM runs. Needs hardware KVM.
+//!
+//! With `vm.jail` (the default) each VMM runs in its jail (docs/vmm.md, "The
+//! jail"): the VM's run directory becomes its root, and it runs as a uid and
+//! gid of its own, one that no running process has.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use serde_json::json;
@@ -17,6 +23,7 @@ use super::backends::{
 use super::handle::{StartedVm, VmHandle};
 use super::{find_in_path, VmError, VmSpec, SHARED_FS_TAG};
 use crate::agent_ready::ReadyListener;
+use crate::config::JAIL_IDS;
 
 /// The VMM's binary name.
 pub const VMM_BINARY: &str = "carapace-vmm";
@@ -36,12 +43,15 @@ const FS_QUEUE_SIZE: u16 = 1024;
 pub struct BuiltinDriver {
     vmm: PathBuf,
     fs_backend: PathBuf,
+    /// `Some(base)`: every VMM is jailed with a uid/gid from `base` on.
+    jail_id_base: Option<u32>,
 }
 
 impl BuiltinDriver {
     /// Finds `carapace-vmm` next to this program (where the setup installs
-    /// both), else in `$PATH`, and virtiofsd in `$PATH`.
-    pub fn from_host() -> Result<Self, VmError> {
+    /// both), else in `$PATH`, and virtiofsd in `$PATH`. `jail_id_base`:
+    /// jail every VMM, with ids from there (`vm.jail`, `vm.jail_id_base`).
+    pub fn from_host(jail_id_base: Option<u32>) -> Result<Self, VmError> {
         let beside = std::env::current_exe()
             .ok()
             .and_then(|exe| exe.parent().map(|dir| dir.join(VMM_BINARY)))
@@ -51,6 +61,7 @@ impl BuiltinDriver {
                 .or_else(|| find_in_path(VMM_BINARY))
                 .ok_or(VmError::MissingTool(VMM_BINARY))?,
             fs_backend: find_in_path("virtiofsd").ok_or(VmError::MissingTool("virtiofsd"))?,
+            jail_id_base,
         })
     }
 
@@ -59,8 +70,9 @@ impl BuiltinDriver {
         &self.vmm
     }
 
-    /// The VMM's configuration for `spec` (docs/vmm.md, "Configuration").
-    pub fn vmm_config(&self, spec: &VmSpec) -> serde_json::Value {
+    /// The VMM's configuration for `spec` (docs/vmm.md, "Configuration"),
+    /// jailed in the run directory as `jail_id` if given.
+    pub fn vmm_config(&self, spec: &VmSpec, jail_id: Option<u32>) -> serde_json::Value {
         let mut config = json!({
             "vcpus": spec.vcpus,
             "mem_size_mib": spec.mem_mib,
@@ -84,6 +96,9 @@ impl BuiltinDriver {
             // later): no MTU feature, the guest may take any MTU.
             let mtu = (net.mtu != 0).then_some(net.mtu);
             config["net"] = json!([{"tap": net.tap, "mac": net.mac, "mtu": mtu}]);
+        }
+        if let Some(id) = jail_id {
+            config["jail"] = json!({"root": spec.run_dir, "uid": id, "gid": id});
         }
         config
     }
@@ -121,9 +136,23 @@ impl BuiltinDriver {
 
         // Bound before the guest runs, so its announcement cannot be missed.
         let ready = ReadyListener::bind(&vsock_socket).map_err(VmError::Ready)?;
+        let jail_id = match self.jail_id_base {
+            Some(base) => {
+                let id = pick_jail_id(base)?;
+                // The jailed VMM connects to the listener for the guest.
+                std::os::unix::fs::chown(ready_socket(spec), Some(id), Some(id)).map_err(
+                    |source| VmError::Spawn {
+                        what: "carapace-vmm (giving its jail the readiness socket)",
+                        source,
+                    },
+                )?;
+                Some(id)
+            }
+            None => None,
+        };
 
         let config_path = spec.run_dir.join(CONFIG_FILE);
-        let config = serde_json::to_vec_pretty(&self.vmm_config(spec))
+        let config = serde_json::to_vec_pretty(&self.vmm_config(spec, jail_id))
             .map_err(|e| VmError::InvalidSpec(format!("VMM configuration: {e}")))?;
         std::fs::write(&config_path, config).map_err(|source| VmError::Spawn {
             what: "carapace-vmm (writing its configuration)",
@@ -152,6 +181,63 @@ impl BuiltinDriver {
             started_at,
         })
     }
+}
+
+/// Where the jail ids handed out by this daemon have got to.
+static NEXT_JAIL_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A uid/gid for a new jail, from `base`: the next one this daemon has not
+/// handed out lately that no running process has (VMMs started by an
+/// earlier daemon keep theirs).
+fn pick_jail_id(base: u32) -> Result<u32, VmError> {
+    next_free_id(base, &NEXT_JAIL_ID, &ids_in_use()).ok_or_else(|| {
+        VmError::InvalidSpec(format!(
+            "all {JAIL_IDS} jail ids from vm.jail_id_base {base} belong to running processes"
+        ))
+    })
+}
+
+/// The first id from `base + next` on (wrapping within [`JAIL_IDS`]) not in
+/// `in_use`; advances `next` past it.
+fn next_free_id(base: u32, next: &AtomicU32, in_use: &HashSet<u32>) -> Option<u32> {
+    (0..JAIL_IDS)
+        .map(|_| base + next.fetch_add(1, Ordering::Relaxed) % JAIL_IDS)
+        .find(|id| !in_use.contains(id))
+}
+
+/// Every uid and gid (real, effective, saved, filesystem) of the running
+/// processes.
+fn ids_in_use() -> HashSet<u32> {
+    let mut ids = HashSet::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return ids;
+    };
+    for entry in dir.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(values) = line
+                .strip_prefix("Uid:")
+                .or_else(|| line.strip_prefix("Gid:"))
+            {
+                ids.extend(
+                    values
+                        .split_whitespace()
+                        .filter_map(|v| v.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    ids
 }
 
 #[cfg(test)]

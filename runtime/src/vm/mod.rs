@@ -85,7 +85,9 @@ impl VmDriver {
             DriverKind::Qemu => VmDriver::Qemu(
                 qemu::QemuDriver::from_host()?.with_tcg_cache_mib(config.tcg_translation_cache_mib),
             ),
-            DriverKind::Builtin => VmDriver::Builtin(builtin::BuiltinDriver::from_host()?),
+            DriverKind::Builtin => VmDriver::Builtin(builtin::BuiltinDriver::from_host(
+                config.jail.then_some(config.jail_id_base),
+            )?),
         })
     }
 

@@ -70,6 +70,21 @@ impl VmProcess {
         })
     }
 
+    /// The pids of this process's children (a jailed VMM's supervisor has
+    /// one: the VMM), found by their parent pid in `/proc`.
+    pub fn children(&self) -> Vec<u32> {
+        if !self.is_running() {
+            return Vec::new();
+        }
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| proc_stat(*pid).is_some_and(|stat| stat.ppid == self.pid))
+            .collect()
+    }
+
     /// Sends `signal` if the process still runs.
     pub fn signal(&self, signal: Signal) {
         if self.is_running() {
