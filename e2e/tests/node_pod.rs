@@ -4,7 +4,8 @@
 //! from virtiofsd through the VMM's vhost-user frontend, the agent over its virtio-vsock),
 //! and `carapace demo` drives it through CRI as kubelet would: RunPodSandbox, CreateContainer,
 //! StartContainer, the container's CRI log, StopPodSandbox, RemovePodSandbox; then
-//! `node_probe cri` a second pod with a long-running container and ExecSync into it. Every
+//! `node_probe cri` a second pod with a long-running container and ExecSync into it; then a
+//! third pod across a restart of the daemon (ExecSync and removal by the new daemon). Every
 //! VMM runs in its jail (`vm.jail`, the default).
 //! Run with `cargo nextest run -p carapace-e2e --test node_pod`.
 
@@ -43,14 +44,27 @@ sed 's/^/demo| /' /run/c/demo.out /run/c/demo.err
 grep -q "^Hello from a container in its own Carapace pod VM" /run/c/demo.out && echo "@@hello yes"
 mkdir -p /run/c/podlogs
 node_probe cri /run/c/carapace.sock /run/c/podlogs
+# The warm VM's VMM (the jail's supervisor and the VMM itself) runs as its jail's uid.
+echo "@@vmm-uids $(for p in $(pidof carapace-vmm); do awk '/^Uid:/ { print $2, $3, $4, $5 }' /proc/$p/status; done | tr ' ' '\n' | sort -u | tr '\n' ' ')"
+# A daemon restart in the middle of a running pod: the pod's (jailed) VM keeps running, and
+# the new daemon still reaches its container and removes it.
+node_probe pod-run /run/c/carapace.sock /run/c/podlogs survivor 'echo up; sleep 600' >/run/c/survivor.out
+sed 's/^@@/@@survivor-/' /run/c/survivor.out
+POD=$(sed -n 's/^@@pod-id //p' /run/c/survivor.out)
+CTR=$(sed -n 's/^@@ctr-id //p' /run/c/survivor.out)
+kill $D; wait $D
+carapace serve --config /run/c/config.toml 2>>/run/c/daemon.log &
+D=$!
+i=0; while [ ! -S /run/c/carapace.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+node_probe exec /run/c/carapace.sock "$CTR" 'echo alive-$((6 * 7))' >/run/c/exec.out 2>&1
+echo "@@restart-exec $? $(grep -c '^alive-42$' /run/c/exec.out)"
+node_probe pod-rm /run/c/carapace.sock "$POD" | sed 's/^@@/@@survivor-/'
 echo "@@left-mounts $(grep -c ' /run/c/' /proc/mounts)"
 echo "@@left-records $(ls /run/c/state/sandboxes /run/c/state/containers | grep -vc -e '^$' -e ':$')"
 echo "@@left-layers $(ls /run/c/containers | wc -l)"
 grep -q "VM driver: builtin" /run/c/daemon.log && echo "@@driver builtin"
 grep -q "pod sandbox gets a warm VM" /run/c/daemon.log && echo "@@warm-taken yes"
 echo "@@warm-vms $(ls /run/c/state/warm | wc -l)"
-# The warm VM's VMM (the jail's supervisor and the VMM itself) runs as its jail's uid.
-echo "@@vmm-uids $(for p in $(pidof carapace-vmm); do awk '/^Uid:/ { print $2, $3, $4, $5 }' /proc/$p/status; done | tr ' ' '\n' | sort -u | tr '\n' ' ')"
 # Pods are gone; the warm VM waiting for the next one goes with the daemon.
 kill $D; wait $D
 echo "@@daemon-exit $?"
@@ -133,6 +147,20 @@ fn node_pod_through_cri_with_the_builtin_driver() {
         out.get("warm-vms") == "1",
         "a replacement warm VM while the daemon runs",
     );
+    out.check(
+        out.try_get("survivor-pod-run").is_none() && out.try_get("survivor-ctr-id").is_some(),
+        "a pod with a long-running container runs",
+    );
+    out.check(
+        out.get("restart-exec") == "0 1",
+        "after a daemon restart, ExecSync reaches the running pod's container",
+    );
+    for step in ["pod-stop", "pod-remove"] {
+        out.check(
+            out.try_get(&format!("survivor-{step}")) == Some("ok"),
+            &format!("the restarted daemon's {step} of the running pod"),
+        );
+    }
     let uids: Vec<u64> = out
         .get("vmm-uids")
         .split_whitespace()
