@@ -161,13 +161,15 @@ fn node_pod_through_cri_with_the_builtin_driver() {
             &format!("the restarted daemon's {step} of the running pod"),
         );
     }
+    let base = u64::from(carapace::config::Config::default().vm.jail_id_base);
+    let jail_ids = base..base + u64::from(carapace::config::JAIL_IDS);
     let uids: Vec<u64> = out
         .get("vmm-uids")
         .split_whitespace()
         .filter_map(|u| u.parse().ok())
         .collect();
     out.check(
-        uids.len() == 1 && (2_000_000_000..2_000_065_536).contains(&uids[0]),
+        uids.len() == 1 && jail_ids.contains(&uids[0]),
         "the VMM runs jailed, as one uid of vm.jail_id_base's range (the default)",
     );
     out.check(

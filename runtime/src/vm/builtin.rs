@@ -209,19 +209,8 @@ fn next_free_id(base: u32, next: &AtomicU32, in_use: &HashSet<u32>) -> Option<u3
 /// processes.
 fn ids_in_use() -> HashSet<u32> {
     let mut ids = HashSet::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return ids;
-    };
-    for entry in dir.flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+    for pid in super::process::all_pids() {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
         for line in status.lines() {

@@ -76,11 +76,7 @@ impl VmProcess {
         if !self.is_running() {
             return Vec::new();
         }
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        all_pids()
             .filter(|pid| proc_stat(*pid).is_some_and(|stat| stat.ppid == self.pid))
             .collect()
     }
@@ -120,6 +116,15 @@ impl VmProcess {
         }
         true
     }
+}
+
+/// The pids of every process on the host (the numeric entries of `/proc`).
+pub fn all_pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
 }
 
 fn start_ticks(pid: u32) -> Option<u64> {

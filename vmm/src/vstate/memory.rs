@@ -157,23 +157,21 @@ fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
             0,
         )
     };
-    let result = if mapped == libc::MAP_FAILED {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(start as *mut u8)
-    };
-    // The reservation's unused head and tail (all of it if the mapping failed).
-    let (keep_start, keep_end) = match result {
-        Ok(_) => (start, start + len),
-        Err(_) => (base, base),
-    };
-    for (from, to) in [(base, keep_start), (keep_end.max(base), base + reserve)] {
+    let unmap = |from: usize, to: usize| {
         if to > from {
-            // SAFETY: unmaps parts of our own reservation that hold nothing.
+            // SAFETY: unmaps part of our own reservation, which holds nothing else.
             unsafe { libc::munmap(from as *mut libc::c_void, to - from) };
         }
+    };
+    if mapped == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        unmap(base, base + reserve);
+        return Err(e);
     }
-    result
+    // The reservation's unused head and tail.
+    unmap(base, start);
+    unmap(start + len, base + reserve);
+    Ok(start as *mut u8)
 }
 
 /// Guest RAM of `mem_size` bytes laid out by [`ram_regions`], all in one memfd.
