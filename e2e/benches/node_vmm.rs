@@ -4,18 +4,28 @@
 //!    guest command line, 1 vCPU, 256 MiB of guest RAM): boot-to-agent-ready (spawn of
 //!    the monitor to the agent's first Health answer over hybrid vsock, connecting only after
 //!    the agent's readiness announcement as the runtime does; QEMU's vsock backend,
-//!    vhost-device-vsock, is started before the clock) and the monitor's resident memory
+//!    vhost-device-vsock, is started before the clock), spawn to the guest's first
+//!    instructions (the node KVM's first VM exit), and the monitor's resident memory
 //!    excluding guest RAM (VmRSS less the resident part of its largest mapping, guest RAM:
-//!    QEMU's memfd, which its vhost-user vsock backend needs; our private memory).
-//!    Runs alternate between the two monitors, and which goes first alternates too (QEMU in
-//!    odd runs); medians of `NODE_BENCH_RUNS` (default 5). Also the node's KVM counters per
-//!    boot (exits, nested page faults, instruction emulations, port and MMIO exits, huge
-//!    pages mapped), read while the VM still runs.
+//!    QEMU's memfd, which its vhost-user vsock backend needs; our private memory). Also the
+//!    node's KVM counters per boot (exits, nested page faults, instruction emulations, port
+//!    and MMIO exits, huge pages mapped), read while the VM still runs. Medians of
+//!    `NODE_BENCH_RUNS` (default 5) boots per monitor, in two series (`NODE_BENCH_SERIES`:
+//!    `same`, `fresh` or `both`, the default):
+//!    - **same node**: all boots in one node, alternating between the monitors, and which
+//!      goes first alternates too (QEMU in odd runs);
+//!    - **fresh nodes**: every boot in a node of its own. The node's CPU is emulated (TCG),
+//!      and a VM leaves state behind that slows every later VM in the same node, whichever
+//!      the monitor: writes to memory that held a previous guest's code take the emulator's
+//!      slow path (docs/vmm.md, "Benchmarks"). In fresh nodes no boot inherits that, but
+//!      each monitor's own code also runs for the first time in the node, which the emulator
+//!      must translate first: a cost that grows with the monitor's size.
 //! 2. On this host's own KVM: `carapace-vmm` process spawn to the first guest instruction's
 //!    output (a payload whose first act is a byte to COM1), median of 20.
 //!
 //! `cargo bench -p carapace-e2e --bench node_vmm`
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,10 +37,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Runs boots `$FIRST..=$LAST` of `$ONLY` (`ours`, `qemu`, or both, alternating).
 const NODE_SCRIPT: &str = r#"
 CMDLINE="console=ttyS0 reboot=k panic=1 pci=off quiet"
 # The node's KVM counters (summed over live VMs: only the one just booted), read by node_probe
-# after the agent answered and before it stops the monitor.
+# after the agent answered and before it stops the monitor; node_probe also watches the exit
+# counter for the new VM's first exit.
 mount -t debugfs none /sys/kernel/debug
 export NODE_PROBE_BEFORE_STOP='for c in exits pf_taken insn_emulation io_exits mmio_exits pages_2m; do echo "@@kvm_$c $(cat /sys/kernel/debug/kvm/$c)"; done'
 
@@ -65,21 +77,59 @@ qemu() {
     [ -s /run/q$i/console.log ] && tail -5 /run/q$i/console.log | sed 's/^/qemu-guest| /'
     kill $B 2>/dev/null; wait $B 2>/dev/null
 }
-# Which monitor goes first alternates (QEMU in odd runs): the first boot in a fresh node was
-# faster than any later one (2.1 against 3.4 s for ours), and that must not favour one side.
-for i in $(seq 1 $RUNS); do
-    if [ $((i % 2)) -eq 1 ]; then qemu; ours; else ours; qemu; fi
+# Fresh nodes: one start of the monitor before the measured boot, so that its code is not
+# running for the first time (the emulator would translate it first; QEMU has far more of it),
+# while no guest code runs, or almost none, whose pages the measured boot would inherit:
+# QEMU is started paused (-S, the guest never runs) and quits at once; ours boots a payload
+# that resets after two instructions.
+warm() {
+    case $1 in
+        ours)
+            mkdir -p /run/warm
+            cat > /tmp/warm.json <<EOF
+{"vcpus": 1, "mem_size_mib": 256, "kernel": "/guest/warm.elf", "initrd": "/guest/initramfs.cpio", "serial": "none",
+ "vsock": {"guest_cid": 3, "uds_path": "/run/warm/vsock.sock"}}
+EOF
+            carapace-vmm --config /tmp/warm.json || echo "@@warm-failed ours" ;;
+        qemu)
+            echo quit | /usr/bin/qemu-system-x86_64 -S -monitor stdio \
+                -M microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off -accel kvm -cpu host \
+                -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256M \
+                -object memory-backend-memfd,id=mem,size=256M,share=on \
+                -kernel /guest/vmlinux -initrd /guest/initramfs.cpio -append "$CMDLINE" >/dev/null \
+                || echo "@@warm-failed qemu" ;;
+    esac
+}
+[ "$WARM" = 1 ] && warm $ONLY
+# With both, which monitor goes first alternates (QEMU in odd runs): the first boot in a node
+# is faster than any later one, and that must not favour one side.
+for i in $(seq $FIRST $LAST); do
+    case $ONLY in
+        ours) ours ;;
+        qemu) qemu ;;
+        *) if [ $((i % 2)) -eq 1 ]; then qemu; ours; else ours; qemu; fi ;;
+    esac
 done
 "#;
 
-fn node_bench(runs: usize) {
+/// Boots `first..=last` of `only` (`ours`, `qemu` or `both`) in one node; returns its results
+/// (`<monitor>.<run>.<key>` → value) and console.
+/// With `warm`, the monitor is started once before the measured boot (the script's `warm`).
+fn run_node(
+    only: &str,
+    first: usize,
+    last: usize,
+    warm: bool,
+) -> (HashMap<String, String>, String) {
     let qemu = Path::new("/usr/bin/qemu-system-x86_64");
     let timeout_ms = std::env::var("NODE_BENCH_TIMEOUT_MS").unwrap_or_else(|_| "300000".into());
+    let warm = u8::from(warm);
     let mut image = NodeImage::new(&format!(
-        "RUNS={runs}\nTIMEOUT_MS={timeout_ms}\n{NODE_SCRIPT}"
+        "ONLY={only}\nFIRST={first}\nLAST={last}\nWARM={warm}\nTIMEOUT_MS={timeout_ms}\n{NODE_SCRIPT}"
     ))
     .host_program(qemu)
-    .host_program(Path::new("/usr/local/bin/vhost-device-vsock"));
+    .host_program(Path::new("/usr/local/bin/vhost-device-vsock"))
+    .bytes("guest/warm.elf", &reset_payload(), 0o644);
     for rom in [
         "qboot.rom",
         "bios-microvm.bin",
@@ -90,25 +140,38 @@ fn node_bench(runs: usize) {
         image = image.file(&format!("usr/share/qemu/{rom}"), &path, 0o644);
     }
     let out = image.run();
+    let results = out
+        .results()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    (results, out.console)
+}
+
+/// Prints the figures of `runs` boots per monitor.
+fn report(title: &str, runs: usize, results: &HashMap<String, String>, console: &str) {
     let series = |who: &str, key: &str| -> Vec<f64> {
         (1..=runs)
             .map(|i| {
-                out.get(&format!("{who}.{i}.{key}"))
-                    .parse::<f64>()
-                    .unwrap_or_else(|_| panic!("{who} run {i}: bad {key}\n{}", out.console))
+                results
+                    .get(&format!("{who}.{i}.{key}"))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or_else(|| panic!("{who} run {i}: no {key}\n{console}"))
             })
             .collect()
     };
+    println!("== {title}");
     let mut row = Vec::new();
     for who in ["ours", "qemu"] {
         let boot = series(who, "boot_ms");
+        let first_exit = series(who, "first_exit_ms");
         let total = series(who, "rss_kb");
         let guest = series(who, "rss_guest_kb");
         let rss: Vec<f64> = total.iter().zip(&guest).map(|(t, g)| t - g).collect();
-        println!("{who}: boot_ms {boot:?}; rss excl. guest RAM KiB {rss:?}; guest RAM touched KiB {guest:?}");
-        row.push((median(boot), median(rss), median(guest)));
+        println!("{who}: boot_ms {boot:?}; first_exit_ms {first_exit:?}; rss excl. guest RAM KiB {rss:?}; guest RAM touched KiB {guest:?}");
+        row.push((median(boot), median(first_exit), median(rss), median(guest)));
     }
-    let ((ob, or, og), (qb, qr, qg)) = (row[0], row[1]);
+    let ((ob, of, or, og), (qb, qf, qr, qg)) = (row[0], row[1]);
     println!("node KVM counters per boot, median (our VMM | QEMU):");
     for counter in [
         "exits",
@@ -131,6 +194,10 @@ fn node_bench(runs: usize) {
         qb / ob
     );
     println!(
+        "  spawn to the guest's first VM exit: {of:.0} ms | {qf:.0} ms | {:.2}x",
+        qf / of
+    );
+    println!(
         "  monitor RSS excl. guest RAM: {:.1} MiB | {:.1} MiB | {:.2}x",
         or / 1024.0,
         qr / 1024.0,
@@ -141,15 +208,57 @@ fn node_bench(runs: usize) {
         og / 1024.0,
         qg / 1024.0
     );
-    println!("  node wall time {:?}", out.elapsed);
+}
+
+/// All boots in one node, the monitors alternating.
+fn same_node(runs: usize) {
+    let started = Instant::now();
+    let (results, console) = run_node("both", 1, runs, false);
+    report("same node", runs, &results, &console);
+    println!("  wall time {:?}", started.elapsed());
+}
+
+/// Every boot in a node of its own, after a warm-up start of the same monitor; which
+/// monitor's node comes first alternates.
+fn fresh_nodes(runs: usize) {
+    let started = Instant::now();
+    let mut results = HashMap::new();
+    let mut console = String::new();
+    for i in 1..=runs {
+        let order = if i % 2 == 1 {
+            ["qemu", "ours"]
+        } else {
+            ["ours", "qemu"]
+        };
+        for who in order {
+            let (r, c) = run_node(who, i, i, true);
+            if let Some(who) = r.get("warm-failed") {
+                panic!("warming up {who} failed\n{c}");
+            }
+            results.extend(r);
+            console.push_str(&c);
+        }
+    }
+    report("fresh nodes", runs, &results, &console);
+    println!("  wall time {:?}", started.elapsed());
 }
 
 /// A minimal ELF whose code writes '!' to COM1 and resets through the i8042.
 fn first_output_payload() -> Vec<u8> {
     // mov dx, 0x3f8 ; mov al, '!' ; out dx, al ; mov al, 0xfe ; out 0x64, al ; hlt
-    let code = [
+    payload(&[
         0x66, 0xba, 0xf8, 0x03, 0xb0, 0x21, 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4,
-    ];
+    ])
+}
+
+/// A minimal ELF whose code resets through the i8042 at once.
+fn reset_payload() -> Vec<u8> {
+    // mov al, 0xfe ; out 0x64, al ; hlt
+    payload(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4])
+}
+
+/// A minimal x86_64 ELF that runs `code` at 1 MiB.
+fn payload(code: &[u8]) -> Vec<u8> {
     const LOAD: u64 = 0x10_0000;
     let mut f = Vec::new();
     f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
@@ -172,7 +281,7 @@ fn first_output_payload() -> Vec<u8> {
     f.extend_from_slice(&(code.len() as u64).to_le_bytes());
     f.extend_from_slice(&0x1000u64.to_le_bytes());
     f.resize(0x1000, 0);
-    f.extend_from_slice(&code);
+    f.extend_from_slice(code);
     f
 }
 
@@ -237,5 +346,11 @@ fn main() {
     if std::env::var_os("NODE_BENCH_ONLY").is_none() {
         host_bench(20);
     }
-    node_bench(runs);
+    let series = std::env::var("NODE_BENCH_SERIES").unwrap_or_else(|_| "both".into());
+    if series == "same" || series == "both" {
+        same_node(runs);
+    }
+    if series == "fresh" || series == "both" {
+        fresh_nodes(runs);
+    }
 }

@@ -9,8 +9,10 @@
 //! node_probe api <api.sock> <json request>
 //!     one control API request to carapace-vmm, prints the reply line
 //! node_probe boot <vsock.sock> <timeout_ms> <program> [args...]
-//!     spawns the monitor, times spawn -> first Health answer, reads the monitor's resident
-//!     memory (in all, by kind, and that of its largest mapping: guest RAM), runs
+//!     spawns the monitor, times spawn -> first Health answer (and, with debugfs mounted,
+//!     spawn -> the node KVM's first VM exit: the guest's first instructions), reads the
+//!     monitor's resident memory (in all, by kind, and that of its largest mapping: guest
+//!     RAM), runs
 //!     `sh -c "$NODE_PROBE_BEFORE_STOP"` if set (the VM still runs), then stops the monitor
 //!     with SIGTERM. Like the runtime, it first waits for the agent's readiness
 //!     announcement on `<vsock.sock>_1025` and only then connects: vhost-device-vsock (the
@@ -183,6 +185,42 @@ fn guest_ram_rss_kib(pid: u32) -> u64 {
 }
 
 /// Spawns the monitor, times it to the agent's first answer, measures it, stops it.
+/// The time from `start` to the node KVM's first VM exit after it, i.e. to the new guest's
+/// first instructions (any guest soon exits, for I/O or a timer): how long the monitor took to
+/// start running its guest. Watched on a thread that reads the node's summed exit counter
+/// (`/sys/kernel/debug/kvm/exits`, when debugfs is mounted) every millisecond, so it assumes
+/// no other VM runs.
+struct FirstExit(std::sync::Arc<std::sync::OnceLock<Duration>>);
+
+impl FirstExit {
+    fn watch(start: Instant) -> Self {
+        const EXITS: &str = "/sys/kernel/debug/kvm/exits";
+        let seen = std::sync::Arc::new(std::sync::OnceLock::new());
+        let read = || {
+            std::fs::read_to_string(EXITS)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        if let Some(before) = read() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                while start.elapsed() < Duration::from_secs(600) {
+                    if read().is_some_and(|now| now != before) {
+                        let _ = seen.set(start.elapsed());
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+        FirstExit(seen)
+    }
+
+    fn ms(&self) -> Option<u128> {
+        self.0.get().map(Duration::as_millis)
+    }
+}
+
 fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
     let rt = runtime();
     // Bound before the monitor starts, so the announcement cannot be missed.
@@ -201,6 +239,7 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
             return false;
         }
     };
+    let first_exit = FirstExit::watch(start);
     let running = std::cell::RefCell::new(&mut child);
     let ready = rt.block_on(async {
         listener
@@ -219,6 +258,9 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
     let ok = match ready {
         Ok(_) => {
             result("boot_ms", elapsed.as_millis());
+            if let Some(ms) = first_exit.ms() {
+                result("first_exit_ms", ms);
+            }
             for (key, field) in [
                 ("rss_kb", "VmRSS"),
                 ("rss_anon_kb", "RssAnon"),
