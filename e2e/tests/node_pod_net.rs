@@ -10,7 +10,9 @@
 //! The node then checks the plumbing (namespace, tap, filters, the host-local reservation),
 //! that traffic crosses the VM both ways (the node pings the pod and reads from a server in
 //! it; the pod pings its gateway; 1 MiB each way over TCP, md5 compared; the VMM's net
-//! device counts the frames), and that StopPodSandbox + RemovePodSandbox leave nothing:
+//! device counts the frames). The daemon is then restarted under the running pod: the
+//! node still pings the pod and reads from its server, and the new daemon's ExecSync reaches
+//! its container. Last, the new daemon's StopPodSandbox + RemovePodSandbox leave nothing:
 //! no namespace, veth, reservation, VMM, virtiofsd or VM directory. `carapace check` on the
 //! node shows that `vm.driver = "auto"` picks the builtin driver there (hardware KVM).
 //! Run with `cargo nextest run -p carapace-e2e --test node_pod_net`.
@@ -141,11 +143,24 @@ i=0; while kill -0 $UP 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1))
 kill $UP 2>/dev/null
 echo "@@up-received $(md5sum </tmp/up | cut -d' ' -f1) $(wc -c </tmp/up)"
 node_probe api /run/c/vms/$(echo $POD | cut -c1-16)/api.sock '{"action":"metrics"}'
+grep -q "pod sandbox gets a warm VM" /run/c/daemon.log && echo "@@warm-taken yes"
+echo "@@warm-vms $(ls /run/c/state/warm | wc -l)"
+
+# A daemon restart under the running pod: its VM, namespace and tap stay, the pod stays
+# reachable, the new daemon reaches its container, and the removal below is the new daemon's.
+kill $D; wait $D
+echo "@@restart-daemon-exit $?"
+carapace serve --config /run/c/config.toml 2>>/run/c/daemon.log &
+D=$!
+i=0; while [ ! -S $S ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if ping -c 3 -W 10 $IP >/dev/null 2>&1; then echo "@@restart-node-ping ok"; else echo "@@restart-node-ping failed"; fi
+R=""; i=0
+while [ -z "$R" ] && [ $i -lt 30 ]; do R=$(nc -w 5 $IP 8080 </dev/null); [ -n "$R" ] || sleep 1; i=$((i + 1)); done
+echo "@@restart-node-tcp $R"
+echo "@@restart-exec $(X 'echo alive-$((6 * 7))')"
 
 # The pod ends as kubelet ends it; nothing may be left.
 node_probe pod-rm $S $POD
-grep -q "pod sandbox gets a warm VM" /run/c/daemon.log && echo "@@warm-taken yes"
-echo "@@warm-vms $(ls /run/c/state/warm | wc -l)"
 # The pod is gone; the warm VM waiting for the next one goes with the daemon.
 kill $D; wait $D
 echo "@@daemon-exit $?"
@@ -318,10 +333,28 @@ fn node_pod_network_through_cni_with_the_builtin_driver() {
         "a replacement warm VM while the daemon runs",
     );
 
-    // Teardown (the daemon stopped: its warm VM too).
+    // Across a daemon restart.
+    out.check(
+        out.get("restart-daemon-exit") == "0",
+        "the first daemon stops cleanly on SIGTERM with the pod running",
+    );
+    out.check(
+        out.get("restart-node-ping") == "ok",
+        "after the restart, the node still pings the pod",
+    );
+    out.check(
+        out.get("restart-node-tcp") == "pong-from-the-pod",
+        "after the restart, the node still reads from the pod's TCP server",
+    );
+    out.check(
+        out.get("restart-exec") == "alive-42",
+        "the new daemon's ExecSync reaches the pod's container",
+    );
+
+    // Teardown by the new daemon (then stopped: its warm VM too).
     out.check(
         out.get("pod-stop") == "ok" && out.get("pod-remove") == "ok",
-        "StopPodSandbox and RemovePodSandbox succeed",
+        "the new daemon's StopPodSandbox and RemovePodSandbox succeed",
     );
     for (key, what) in [
         ("left-netns", "no pod netns file"),
