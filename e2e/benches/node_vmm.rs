@@ -17,7 +17,7 @@
 //!    - **fresh nodes**: every boot in a node of its own. The node's CPU is emulated (TCG),
 //!      and a VM leaves state behind that slows every later VM in the same node, whichever
 //!      the monitor: writes to memory that held a previous guest's code take the emulator's
-//!      slow path (docs/vmm.md, "Benchmarks"). In fresh nodes no boot inherits that, but
+//!      slow path (docs/vmm.md, "Fresh nodes"). In fresh nodes no boot inherits that, but
 //!      each monitor's own code also runs for the first time in the node, which the emulator
 //!      must translate first: a cost that grows with the monitor's size.
 //! 2. On this host's own KVM: `carapace-vmm` process spawn to the first guest instruction's

@@ -12,9 +12,8 @@
 //!     spawns the monitor, times spawn -> first Health answer (and, with debugfs mounted,
 //!     spawn -> the node KVM's first VM exit: the guest's first instructions), reads the
 //!     monitor's resident memory (in all, by kind, and that of its largest mapping: guest
-//!     RAM), runs
-//!     `sh -c "$NODE_PROBE_BEFORE_STOP"` if set (the VM still runs), then stops the monitor
-//!     with SIGTERM. Like the runtime, it first waits for the agent's readiness
+//!     RAM), runs `sh -c "$NODE_PROBE_BEFORE_STOP"` if set (the VM still runs), then stops
+//!     the monitor with SIGTERM. Like the runtime, it first waits for the agent's readiness
 //!     announcement on `<vsock.sock>_1025` and only then connects: vhost-device-vsock (the
 //!     QEMU side's backend) stops answering host connections that arrive while the guest's
 //!     vsock driver is still starting (docs/design.md, record 8)
@@ -184,7 +183,6 @@ fn guest_ram_rss_kib(pid: u32) -> u64 {
     mappings.iter().max_by_key(|m| m.0).map_or(0, |m| m.1)
 }
 
-/// Spawns the monitor, times it to the agent's first answer, measures it, stops it.
 /// The time from `start` to the node KVM's first VM exit after it, i.e. to the new guest's
 /// first instructions (any guest soon exits, for I/O or a timer): how long the monitor took to
 /// start running its guest. Watched on a thread that reads the node's summed exit counter
@@ -221,6 +219,7 @@ impl FirstExit {
     }
 }
 
+/// Spawns the monitor, times it to the agent's first answer, measures it, stops it.
 fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
     let rt = runtime();
     // Bound before the monitor starts, so the announcement cannot be missed.
