@@ -235,7 +235,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
+    let result = tokio::select! {
         served = serving => served,
         () = drained => {
             tracing::info!(
@@ -245,7 +245,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&config.socket);
             Ok(())
         }
+    };
+    // Starts the shutdown cut short killed their processes on the way out.
+    if !carapace::vm::process::wait_killed(std::time::Duration::from_secs(5)).await {
+        tracing::warn!("processes of starts cut short by the shutdown are still exiting");
     }
+    result
 }
 
 /// How long in-flight CRI calls may take to finish once the daemon is

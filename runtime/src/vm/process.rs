@@ -99,9 +99,14 @@ impl VmProcess {
         }
     }
 
-    /// Kills the process at once (synchronous: usable from `Drop`).
+    /// Kills the process at once (synchronous: usable from `Drop`). It is
+    /// gone soon after, not yet on return: the daemon waits for every
+    /// process killed so before it exits ([`wait_killed`]).
     pub fn kill_now(&self) {
         self.signal(Signal::SIGKILL);
+        let mut killed = KILLED.lock().unwrap_or_else(|e| e.into_inner());
+        killed.retain(|p| p.is_running() || p.is_unreaped_child());
+        killed.push(self.clone());
     }
 
     /// Waits up to `timeout` for the process to end (and, if it is this
@@ -116,6 +121,26 @@ impl VmProcess {
         }
         true
     }
+}
+
+/// Processes killed by [`VmProcess::kill_now`] that may not be gone yet.
+static KILLED: std::sync::Mutex<Vec<VmProcess>> = std::sync::Mutex::new(Vec::new());
+
+/// Waits up to `timeout` until every process [`VmProcess::kill_now`] killed
+/// is gone and, if it was this daemon's child, reaped; true if all are. The
+/// daemon calls it last: a start cut short by the shutdown (its future
+/// dropped) kills its processes from `Drop`, which cannot wait, and none of
+/// them may outlive the daemon or be left as a zombie of init.
+pub async fn wait_killed(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let killed = std::mem::take(&mut *KILLED.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut all = true;
+    for process in killed {
+        all &= process
+            .wait_exit(deadline.saturating_duration_since(Instant::now()))
+            .await;
+    }
+    all
 }
 
 /// The pids of every process on the host (the numeric entries of `/proc`).
@@ -196,5 +221,28 @@ mod tests {
             !Path::new(&format!("/proc/{}", p.pid)).exists(),
             "stop() returns once the child is reaped, not a zombie"
         );
+    }
+
+    #[tokio::test]
+    async fn processes_killed_from_drop_are_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut killed = Vec::new();
+        for i in 0..3 {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            let p = VmProcess::spawn("sleep", cmd, &dir.path().join(format!("log{i}"))).unwrap();
+            p.kill_now();
+            killed.push(p);
+        }
+        assert!(wait_killed(Duration::from_secs(5)).await);
+        for p in &killed {
+            assert!(
+                !Path::new(&format!("/proc/{}", p.pid)).exists(),
+                "{} is gone and reaped when wait_killed returns",
+                p.pid
+            );
+        }
+        // Nothing left to wait for.
+        assert!(KILLED.lock().unwrap().iter().all(|p| !killed.contains(p)));
     }
 }
