@@ -40,6 +40,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs boots `$FIRST..=$LAST` of `$ONLY` (`ours`, `qemu`, or both, alternating).
 const NODE_SCRIPT: &str = r#"
 CMDLINE="console=ttyS0 reboot=k panic=1 pci=off quiet"
+# QEMU's machine, memory, kernel and initrd (no argument has a space: expanded unquoted).
+QEMU_MACHINE="-M microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off -accel kvm -cpu host
+    -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256M
+    -object memory-backend-memfd,id=mem,size=256M,share=on
+    -kernel /guest/vmlinux -initrd /guest/initramfs.cpio"
 # The node's KVM counters (summed over live VMs: only the one just booted), read by node_probe
 # after the agent answered and before it stops the monitor; node_probe also watches the exit
 # counter for the new VM's first exit.
@@ -67,13 +72,10 @@ qemu() {
     wait_for /run/q$i/vhost.sock
     [ -e /run/q$i/vhost.sock ] || { echo "vhost-device-vsock did not start:"; cat /run/q$i/backend.log; }
     settle
-    node_probe boot /run/q$i/vsock.sock $TIMEOUT_MS /usr/bin/qemu-system-x86_64 \
-        -M microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off -accel kvm -cpu host \
-        -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256M \
-        -object memory-backend-memfd,id=mem,size=256M,share=on \
+    node_probe boot /run/q$i/vsock.sock $TIMEOUT_MS /usr/bin/qemu-system-x86_64 $QEMU_MACHINE \
         -chardev file,id=console,path=/run/q$i/console.log -serial chardev:console \
         -chardev socket,id=vsock,path=/run/q$i/vhost.sock -device vhost-user-vsock-device,chardev=vsock \
-        -kernel /guest/vmlinux -initrd /guest/initramfs.cpio -append "$CMDLINE" | sed "s/^@@/@@qemu.$i./"
+        -append "$CMDLINE" | sed "s/^@@/@@qemu.$i./"
     [ -s /run/q$i/console.log ] && tail -5 /run/q$i/console.log | sed 's/^/qemu-guest| /'
     kill $B 2>/dev/null; wait $B 2>/dev/null
 }
@@ -92,12 +94,8 @@ warm() {
 EOF
             carapace-vmm --config /tmp/warm.json || echo "@@warm-failed ours" ;;
         qemu)
-            echo quit | /usr/bin/qemu-system-x86_64 -S -monitor stdio \
-                -M microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off -accel kvm -cpu host \
-                -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256M \
-                -object memory-backend-memfd,id=mem,size=256M,share=on \
-                -kernel /guest/vmlinux -initrd /guest/initramfs.cpio -append "$CMDLINE" >/dev/null \
-                || echo "@@warm-failed qemu" ;;
+            echo quit | /usr/bin/qemu-system-x86_64 -S -monitor stdio $QEMU_MACHINE \
+                -append "$CMDLINE" >/dev/null || echo "@@warm-failed qemu" ;;
     esac
 }
 [ "$WARM" = 1 ] && warm $ONLY
@@ -112,9 +110,9 @@ for i in $(seq $FIRST $LAST); do
 done
 "#;
 
-/// Boots `first..=last` of `only` (`ours`, `qemu` or `both`) in one node; returns its results
+/// Boots `first..=last` of `only` (`ours`, `qemu` or `both`) in one node, with `warm` after
+/// one warm-up start of that monitor (the script's `warm`); returns the node's results
 /// (`<monitor>.<run>.<key>` → value) and console.
-/// With `warm`, the monitor is started once before the measured boot (the script's `warm`).
 fn run_node(
     only: &str,
     first: usize,
