@@ -1,17 +1,18 @@
 //! Our VMM against QEMU, side by side.
 //!
 //! 1. In the nested test node (same guest kernel and agent initramfs, same node KVM, same
-//!    guest command line, 1 vCPU, 256 MiB of guest RAM): boot-to-agent-ready (spawn of
-//!    the monitor to the agent's first Health answer over hybrid vsock, connecting only after
-//!    the agent's readiness announcement as the runtime does; QEMU's vsock backend,
-//!    vhost-device-vsock, is started before the clock), spawn to the guest's first
-//!    instructions (the node KVM's first VM exit), and the monitor's resident memory
-//!    excluding guest RAM (VmRSS less the resident part of its largest mapping, guest RAM:
-//!    QEMU's memfd, which its vhost-user vsock backend needs; our private memory). Also the
-//!    node's KVM counters per boot (exits, nested page faults, instruction emulations, port
-//!    and MMIO exits, huge pages mapped), read while the VM still runs. Medians of
-//!    `NODE_BENCH_RUNS` (default 5) boots per monitor, in two series (`NODE_BENCH_SERIES`:
-//!    `same`, `fresh` or `both`, the default):
+//!    guest command line: the runtime's `BASE_CMDLINE`, or `NODE_BENCH_CMDLINE`; 1 vCPU,
+//!    256 MiB of guest RAM): boot-to-agent-ready (spawn of the monitor to the agent's first
+//!    Health answer over hybrid vsock, connecting only after the agent's readiness
+//!    announcement as the runtime does; QEMU's vsock backend, vhost-device-vsock, is started
+//!    before the clock), spawn to the guest's first instructions (the node KVM's first VM
+//!    exit), the guest's own part (that exit to the agent's readiness announcement), and the
+//!    monitor's resident memory excluding guest RAM (VmRSS less the resident part of its
+//!    largest mapping, guest RAM: QEMU's memfd, which its vhost-user vsock backend needs; our
+//!    private memory). Also the node's KVM counters per boot (exits, nested page faults,
+//!    instruction emulations, port and MMIO exits, huge pages mapped), read while the VM
+//!    still runs. Medians of `NODE_BENCH_RUNS` (default 5) boots per monitor, in two series
+//!    (`NODE_BENCH_SERIES`: `same`, `fresh` or `both`, the default):
 //!    - **same node**: all boots in one node, alternating between the monitors, and which
 //!      goes first alternates too (QEMU in odd runs);
 //!    - **fresh nodes**: every boot in a node of its own. The node's CPU is emulated (TCG),
@@ -39,7 +40,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs boots `$FIRST..=$LAST` of `$ONLY` (`ours`, `qemu`, or both, alternating).
 const NODE_SCRIPT: &str = r#"
-CMDLINE="console=ttyS0 reboot=k panic=1 pci=off quiet"
 # QEMU's machine, memory, kernel and initrd (no argument has a space: expanded unquoted).
 QEMU_MACHINE="-M microvm,memory-backend=mem,acpi=off,x-option-roms=off,rtc=off -accel kvm -cpu host
     -nodefaults -no-user-config -display none -no-reboot -smp 1 -m 256M
@@ -121,9 +121,16 @@ fn run_node(
 ) -> (HashMap<String, String>, String) {
     let qemu = Path::new("/usr/bin/qemu-system-x86_64");
     let timeout_ms = std::env::var("NODE_BENCH_TIMEOUT_MS").unwrap_or_else(|_| "300000".into());
+    // The runtime's, unless NODE_BENCH_CMDLINE replaces it.
+    let cmdline =
+        std::env::var("NODE_BENCH_CMDLINE").unwrap_or_else(|_| carapace::vm::BASE_CMDLINE.into());
+    assert!(
+        cmdline.bytes().all(|b| b.is_ascii_graphic() && !b"\"\\$`".contains(&b) || b == b' '),
+        "NODE_BENCH_CMDLINE: printable ASCII without quotes, backslashes, $ or `"
+    );
     let warm = u8::from(warm);
     let mut image = NodeImage::new(&format!(
-        "ONLY={only}\nFIRST={first}\nLAST={last}\nWARM={warm}\nTIMEOUT_MS={timeout_ms}\n{NODE_SCRIPT}"
+        "ONLY={only}\nFIRST={first}\nLAST={last}\nWARM={warm}\nTIMEOUT_MS={timeout_ms}\nCMDLINE=\"{cmdline}\"\n{NODE_SCRIPT}"
     ))
     .host_program(qemu)
     .host_program(Path::new("/usr/local/bin/vhost-device-vsock"))
@@ -163,13 +170,21 @@ fn report(title: &str, runs: usize, results: &HashMap<String, String>, console: 
     for who in ["ours", "qemu"] {
         let boot = series(who, "boot_ms");
         let first_exit = series(who, "first_exit_ms");
+        let ready = series(who, "ready_ms");
+        let in_guest: Vec<f64> = ready.iter().zip(&first_exit).map(|(r, f)| r - f).collect();
         let total = series(who, "rss_kb");
         let guest = series(who, "rss_guest_kb");
         let rss: Vec<f64> = total.iter().zip(&guest).map(|(t, g)| t - g).collect();
-        println!("{who}: boot_ms {boot:?}; first_exit_ms {first_exit:?}; rss excl. guest RAM KiB {rss:?}; guest RAM touched KiB {guest:?}");
-        row.push((median(boot), median(first_exit), median(rss), median(guest)));
+        println!("{who}: boot_ms {boot:?}; first_exit_ms {first_exit:?}; first exit -> readiness ms {in_guest:?}; rss excl. guest RAM KiB {rss:?}; guest RAM touched KiB {guest:?}");
+        row.push((
+            median(boot),
+            median(first_exit),
+            median(in_guest),
+            median(rss),
+            median(guest),
+        ));
     }
-    let ((ob, of, or, og), (qb, qf, qr, qg)) = (row[0], row[1]);
+    let ((ob, of, oi, or, og), (qb, qf, qi, qr, qg)) = (row[0], row[1]);
     println!("node KVM counters per boot, median (our VMM | QEMU):");
     for counter in [
         "exits",
@@ -195,6 +210,7 @@ fn report(title: &str, runs: usize, results: &HashMap<String, String>, console: 
         "  spawn to the guest's first VM exit: {of:.0} ms | {qf:.0} ms | {:.2}x",
         qf / of
     );
+    println!("  first VM exit to the agent's readiness: {oi:.0} ms | {qi:.0} ms");
     println!(
         "  monitor RSS excl. guest RAM: {:.1} MiB | {:.1} MiB | {:.2}x",
         or / 1024.0,

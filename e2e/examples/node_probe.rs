@@ -9,8 +9,9 @@
 //! node_probe api <api.sock> <json request>
 //!     one control API request to carapace-vmm, prints the reply line
 //! node_probe boot <vsock.sock> <timeout_ms> <program> [args...]
-//!     spawns the monitor, times spawn -> first Health answer (and, with debugfs mounted,
-//!     spawn -> the node KVM's first VM exit: the guest's first instructions), reads the
+//!     spawns the monitor, times spawn -> first Health answer (`boot_ms`), spawn -> the
+//!     agent's readiness announcement (`ready_ms`) and, with debugfs mounted, spawn -> the
+//!     node KVM's first VM exit (`first_exit_ms`: the guest's first instructions), reads the
 //!     monitor's resident memory (in all, by kind, and that of its largest mapping: guest
 //!     RAM), runs `sh -c "$NODE_PROBE_BEFORE_STOP"` if set (the VM still runs), then stops
 //!     the monitor with SIGTERM. Like the runtime, it first waits for the agent's readiness
@@ -240,6 +241,7 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
     };
     let first_exit = FirstExit::watch(start);
     let running = std::cell::RefCell::new(&mut child);
+    let mut announced = None;
     let ready = rt.block_on(async {
         listener
             .wait(timeout, || {
@@ -247,6 +249,7 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
             })
             .await
             .map_err(|e| e.to_string())?;
+        announced = Some(start.elapsed());
         let left = timeout.saturating_sub(start.elapsed());
         AgentClient::wait_ready(uds, left)
             .await
@@ -257,6 +260,9 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
     let ok = match ready {
         Ok(_) => {
             result("boot_ms", elapsed.as_millis());
+            if let Some(announced) = announced {
+                result("ready_ms", announced.as_millis());
+            }
             if let Some(ms) = first_exit.ms() {
                 result("first_exit_ms", ms);
             }
