@@ -117,7 +117,14 @@ impl VmDriver {
 /// mount-namespace teardown, mounts); with one or two vCPUs the IPIs cost
 /// nothing. Under TCG it took the agent's container setup from ~240 to
 /// ~130 ms (guest clock), the cgroup join from ~40 to ~12 ms.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet rcupdate.rcu_expedited=1";
+/// `noreplace-smp`: a guest with one vCPU would otherwise rewrite the ~5,000
+/// `lock` prefixes of its kernel text one `text_poke` at a time, each with
+/// two address-space switches and a TLB flush; that is slow wherever the
+/// guest's paging is emulated (TCG, or KVM in a TCG-emulated node: about
+/// 100 ms of the guest's boot there, docs/vmm.md). The prefixes stay: an
+/// uncontended locked instruction costs a few cycles more.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=t panic=-1 quiet rcupdate.rcu_expedited=1 noreplace-smp";
 
 /// The virtio-fs tag of the pod's shared directory.
 pub const SHARED_FS_TAG: &str = "carapace";

@@ -18,8 +18,7 @@ use crate::host::KvmKind;
 
 /// Kernel command-line words that shorten a boot under TCG: skip the
 /// delay-loop calibration (`lpj`, close to what TCG calibrates anyway; only
-/// udelay() uses it and our guest's drivers do not depend on exact delays)
-/// and the rewriting of SMP lock prefixes, which is slow under emulation;
+/// udelay() uses it and our guest's drivers do not depend on exact delays),
 /// and skip the check that the IO-APIC timer ticks within a few
 /// milliseconds of real time (`no_timer_check`): on a loaded host an
 /// emulated guest can miss it and panic ("IO-APIC + timer doesn't work"),
@@ -30,7 +29,7 @@ use crate::host::KvmKind;
 /// broadcast to further vCPUs. Boot to agent ready went from a median of
 /// 1272 to 986 ms over 8 interleaved pairs; idle CPU was the same.
 /// Under KVM none of this costs anything noticeable, so they are not used there.
-const TCG_CMDLINE: &str = "noreplace-smp lpj=1000000 no_timer_check noapictimer";
+const TCG_CMDLINE: &str = "lpj=1000000 no_timer_check noapictimer";
 
 /// File names in the VM's run directory.
 const VHOST_VSOCK_SOCKET: &str = "vhost-vsock.sock";
