@@ -125,7 +125,9 @@ fn run_node(
     let cmdline =
         std::env::var("NODE_BENCH_CMDLINE").unwrap_or_else(|_| carapace::vm::BASE_CMDLINE.into());
     assert!(
-        cmdline.bytes().all(|b| b.is_ascii_graphic() && !b"\"\\$`".contains(&b) || b == b' '),
+        cmdline
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"\"\\$`".contains(&b) || b == b' '),
         "NODE_BENCH_CMDLINE: printable ASCII without quotes, backslashes, $ or `"
     );
     let warm = u8::from(warm);
