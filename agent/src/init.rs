@@ -85,7 +85,7 @@ pub fn setup() {
         }
     }
     nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
-    tracing::info!("guest base mounts ready");
+    tracing::debug!("guest base mounts ready");
 }
 
 /// pivot_root(2) fails for a process whose root is the initramfs itself

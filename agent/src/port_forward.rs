@@ -55,7 +55,7 @@ pub async fn serve(listener: tokio_vsock::VsockListener) {
 pub fn start(port: u32) -> std::io::Result<()> {
     let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
     let listener = tokio_vsock::VsockListener::bind(addr)?;
-    tracing::info!("port-forward on vsock port {port}");
+    tracing::debug!("port-forward on vsock port {port}");
     tokio::spawn(serve(listener));
     Ok(())
 }

@@ -313,11 +313,10 @@ pub async fn serve(
         ListenAddr::Vsock(port) => {
             let vsock_addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
             let listener = tokio_vsock::VsockListener::bind(vsock_addr).map_err(listen_err)?;
-            tracing::info!(
-                "carapace-agent {} listening on {addr}",
-                env!("CARGO_PKG_VERSION")
-            );
-            tokio::spawn(crate::announce::ready());
+            // As init the agent logs to the serial console, where every byte is a VM exit
+            // (about 15 ms a line in the nested test node): its start-up says one line, once
+            // the host knows it is ready (docs/agent.md).
+            tokio::spawn(crate::announce::ready(addr.clone(), started));
             serve_incoming(
                 accept_loop(listener, |l| Box::pin(l.accept())),
                 AgentService::new(started, containers),
