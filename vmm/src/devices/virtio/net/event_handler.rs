@@ -21,7 +21,7 @@ type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 
 /// Why a chain was not used.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum FrameError {
+pub enum FrameError {
     /// The chain is malformed.
     #[error(transparent)]
     Chain(#[from] ChainError),
@@ -34,7 +34,7 @@ pub(super) enum FrameError {
 }
 
 /// Gathers a transmit chain (vnet header + frame, any split) into `buf`; returns its length.
-pub(super) fn read_tx_frame(
+pub fn read_tx_frame(
     mem: &GuestMemoryMmap,
     chain: Chain<'_>,
     buf: &mut [u8],
@@ -52,7 +52,7 @@ pub(super) fn read_tx_frame(
 }
 
 /// Writes `frame` (vnet header first) into a receive chain; `Ok(None)` if it does not fit.
-pub(super) fn write_rx_frame(
+pub fn write_rx_frame(
     mem: &GuestMemoryMmap,
     chain: Chain<'_>,
     frame: &[u8],

@@ -9,6 +9,8 @@ pub mod metrics;
 pub mod tap;
 
 pub use device::Net;
+// The frame paths over guest chains, public for the fuzz targets (`fuzz/`).
+pub use event_handler::{read_tx_frame, write_rx_frame, FrameError};
 pub use metrics::NetMetrics;
 pub use tap::{Tap, TapError};
 
