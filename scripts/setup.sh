@@ -25,6 +25,7 @@ packages=(
   busybox-static              # test root filesystems and the demo image
   docker-registry skopeo      # a real local registry for the image tests
   pkg-config gcc make         # -sys crates
+  g++                         # libfuzzer-sys (the fuzz targets' clippy check in scripts/test.sh)
   libcap-ng-dev libseccomp-dev  # virtiofsd's build (and its runtime libraries)
   flex bison libelf-dev libssl-dev bc cpio xz-utils   # guest kernel build
 )

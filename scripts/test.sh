@@ -11,6 +11,9 @@ log "cargo fmt --check"
 cargo fmt --all --check
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "fuzz targets (their own workspace, fuzz/): rustfmt and clippy, so they keep building"
+cargo fmt --manifest-path fuzz/Cargo.toml --check
+cargo clippy --manifest-path fuzz/Cargo.toml --bins --quiet -- -D warnings
 log "build (the e2e tests drive the built binaries)"
 cargo build --workspace --bins --quiet
 log "static binaries for the nested test node (built here, not inside a timed test)"
