@@ -315,7 +315,7 @@ pub async fn serve(
             let listener = tokio_vsock::VsockListener::bind(vsock_addr).map_err(listen_err)?;
             // As init the agent logs to the serial console, where every byte is a VM exit
             // (about 15 ms a line in the nested test node): its start-up says one line, once
-            // the host knows it is ready (docs/agent.md).
+            // the host knows it is ready (docs/design.md, section 3).
             tokio::spawn(crate::announce::ready(addr.clone(), started));
             serve_incoming(
                 accept_loop(listener, |l| Box::pin(l.accept())),
