@@ -11,7 +11,6 @@ use std::sync::OnceLock;
 use carapace_vmm::devices::virtio::block::metrics::BlockMetrics;
 use carapace_vmm::devices::virtio::block::request::{process, Disk};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::QueueOwnedT;
 
 const SECTORS: u64 = 16;
 const DISK_LEN: u64 = SECTORS * 512;
@@ -34,9 +33,6 @@ fn disk_file() -> &'static File {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = common::guest(data) else {
-        return;
-    };
     let disk = Disk {
         file: disk_file().try_clone().expect("dup of the fuzz disk"),
         sectors: SECTORS,
@@ -44,18 +40,15 @@ fuzz_target!(|data: &[u8]| {
         read_only: data.first().is_some_and(|b| b & 1 == 1),
     };
     let metrics = BlockMetrics::default();
-    let Ok(chains) = queue.iter(&mem) else {
-        return;
-    };
-    for chain in chains.take(usize::from(common::QUEUE_SIZE)) {
+    common::for_each_chain(data, |mem, chain| {
         let writable: u64 = chain
             .clone()
             .filter(|d| d.is_write_only())
             .map(|d| u64::from(d.len()))
             .sum();
-        if let Some(used) = process(&mem, chain, &disk, &metrics) {
+        if let Some(used) = process(mem, chain, &disk, &metrics) {
             assert!(used >= 1 && u64::from(used) <= writable);
         }
-    }
+    });
     assert_eq!(disk.file.metadata().expect("fuzz disk").len(), DISK_LEN);
 });

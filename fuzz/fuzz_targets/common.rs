@@ -2,7 +2,7 @@
 //! queue whose descriptor table (at 0), available ring (at 0x100) and buffers are all guest
 //! (fuzzer) bytes; the used ring sits past the input, at 0xf000.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM size: large enough for the rings and some buffers, small enough that random
@@ -27,4 +27,20 @@ pub fn guest(data: &[u8]) -> Option<(GuestMemoryMmap, Queue)> {
     q.try_set_used_ring_address(GuestAddress(USED_RING)).ok()?;
     q.set_ready(true);
     Some((mem, q))
+}
+
+/// Runs `f` on every chain (at most a queue's worth) the queue over `data` offers.
+pub fn for_each_chain(
+    data: &[u8],
+    mut f: impl FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>),
+) {
+    let Some((mem, mut queue)) = guest(data) else {
+        return;
+    };
+    let Ok(chains) = queue.iter(&mem) else {
+        return;
+    };
+    for chain in chains.take(usize::from(QUEUE_SIZE)) {
+        f(&mem, chain);
+    }
 }

@@ -6,17 +6,10 @@ mod common;
 
 use carapace_vmm::devices::virtio::queue::{validate_chain, Direction};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryBackend;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = common::guest(data) else {
-        return;
-    };
-    let Ok(chains) = queue.iter(&mem) else {
-        return;
-    };
-    for chain in chains.take(usize::from(common::QUEUE_SIZE)) {
+    common::for_each_chain(data, |mem, chain| {
         for dir in [Direction::DeviceReads, Direction::DeviceWrites] {
             for max in [0, 44, 4096, u64::MAX] {
                 if let Ok(total) = validate_chain(&chain, dir, max) {
@@ -27,5 +20,5 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-    }
+    });
 });

@@ -7,24 +7,17 @@ mod common;
 
 use carapace_vmm::devices::virtio::net::{read_tx_frame, write_rx_frame};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::QueueOwnedT;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = common::guest(data) else {
-        return;
-    };
-    let Ok(chains) = queue.iter(&mem) else {
-        return;
-    };
     let mut buf = vec![0u8; 64 << 10];
     // A frame of the length the input's last byte asks for (vnet header + Ethernet + data).
     let frame = vec![0x5au8; 26 + usize::from(data.last().copied().unwrap_or(0)) * 64];
-    for chain in chains.take(usize::from(common::QUEUE_SIZE)) {
-        if let Ok(n) = read_tx_frame(&mem, chain.clone(), &mut buf) {
+    common::for_each_chain(data, |mem, chain| {
+        if let Ok(n) = read_tx_frame(mem, chain.clone(), &mut buf) {
             assert!((26..=buf.len()).contains(&n));
         }
-        if let Ok(Some(n)) = write_rx_frame(&mem, chain, &frame) {
+        if let Ok(Some(n)) = write_rx_frame(mem, chain, &frame) {
             assert_eq!(n as usize, frame.len());
         }
-    }
+    });
 });

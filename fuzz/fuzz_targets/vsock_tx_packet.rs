@@ -6,21 +6,14 @@ mod common;
 
 use carapace_vmm::devices::virtio::vsock::packet::{read_tx_packet, rx_payload_capacity};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::QueueOwnedT;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mem, mut queue)) = common::guest(data) else {
-        return;
-    };
-    let Ok(chains) = queue.iter(&mem) else {
-        return;
-    };
-    for chain in chains.take(usize::from(common::QUEUE_SIZE)) {
-        if let Ok(pkt) = read_tx_packet(&mem, chain.clone()) {
+    common::for_each_chain(data, |mem, chain| {
+        if let Ok(pkt) = read_tx_packet(mem, chain.clone()) {
             assert_eq!(pkt.data.len(), pkt.hdr.len as usize);
         }
         if let Ok(cap) = rx_payload_capacity(&chain) {
             assert!(cap <= carapace_vmm::devices::virtio::vsock::packet::MAX_PKT_PAYLOAD);
         }
-    }
+    });
 });
