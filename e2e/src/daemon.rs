@@ -307,6 +307,30 @@ fn daemon_binary() -> PathBuf {
         .and_then(Path::parent)
         .expect("test binary in <target>/<profile>/deps");
     let binary = profile_dir.join("carapace");
+    // A bench (release profile) brings its daemon up to date itself: `cargo bench -p
+    // carapace-e2e` does not rebuild another package's binary, and a stale daemon would be
+    // measured without a word. Tests run after scripts/test.sh's `cargo build --workspace
+    // --bins`.
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        static BUILT: std::sync::Once = std::sync::Once::new();
+        BUILT.call_once(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+                .args([
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "carapace",
+                    "--bin",
+                    "carapace",
+                ])
+                .status()
+                .expect("running cargo build for the daemon");
+            assert!(status.success(), "building the release daemon failed");
+        });
+    }
     assert!(
         binary.is_file(),
         "{} is missing: build it with `cargo build --workspace --bins` (scripts/test.sh does)",
