@@ -202,3 +202,111 @@ echo "@@left_in_run_dir $(ls /run/vm | grep -v console.log | tr '\n' ' ')"
         "no socket is left behind",
     );
 }
+
+/// The guest of the free page reporting test: busybox as init; it fills 64 MiB of tmpfs,
+/// holds it for a while, deletes it, and idles.
+const BALLOON_GUEST_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t devtmpfs dev /dev
+mount -t sysfs sys /sys
+mount -t tmpfs -o size=96m tmp /tmp
+echo "@@guest_balloon $(cat /sys/bus/virtio/devices/*/device | tr '\n' ' ')"
+sleep 3
+dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>/dev/null
+echo "@@guest_filled $?"
+sleep 15
+rm /tmp/fill
+echo "@@guest_freed"
+sleep 600
+"#;
+
+/// Free page reporting: memory the guest used and freed goes back to the node. The guest
+/// fills 64 MiB of tmpfs and deletes it; its RAM's resident size in the VMM rises by that
+/// much and falls back within seconds, and the balloon's counters say what was given back.
+#[test]
+fn node_vmm_free_page_reporting_gives_freed_guest_memory_back() {
+    let guest = carapace_e2e::node::busybox_guest_initramfs(BALLOON_GUEST_INIT);
+    let out = NodeImage::new(
+        r#"
+mkdir -p /run/vm
+cat > /tmp/vm.json <<EOF
+{"vcpus": 1, "mem_size_mib": 256,
+ "kernel": "/guest/vmlinux", "initrd": "/guest/balloon-guest.cpio",
+ "cmdline": "console=ttyS0 reboot=k panic=1 pci=off quiet",
+ "serial": {"file": "/run/vm/console.log"},
+ "api_socket": "/run/vm/api.sock", "free_page_reporting": true}
+EOF
+carapace-vmm --config /tmp/vm.json &
+VMM=$!
+# Resident KiB of the VMM's largest mapping: guest RAM.
+guest_rss() {
+    awk '/^Size:/ { size = $2 } /^Rss:/ { if (size > max) { max = size; rss = $2 } } END { print rss }' /proc/$VMM/smaps
+}
+# Waits up to $2 seconds for "@@$1" on the guest console.
+wait_guest() {
+    i=0
+    while ! grep -q "@@$1" /run/vm/console.log 2>/dev/null && [ $i -lt $(($2 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
+}
+wait_guest guest_filled 300
+echo "@@rss_filled $(guest_rss)"
+wait_guest guest_freed 300
+# The guest reports free pages about 2 s after they are freed; give it up to 60 s.
+filled=$(guest_rss)
+i=0
+while [ $(guest_rss) -gt $((filled - 49152)) ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+echo "@@rss_freed $(guest_rss)"
+node_probe api /run/vm/api.sock '{"action":"metrics"}'
+node_probe api /run/vm/api.sock '{"action":"shutdown"}' | sed 's/@@api/@@shutdown/'
+wait $VMM
+echo "@@vmm_exit $?"
+sed 's/^/guest| /' /run/vm/console.log
+"#,
+    )
+    .bytes("guest/balloon-guest.cpio", &guest, 0o644)
+    .run();
+    out.check(
+        out.get("guest_balloon")
+            .split_whitespace()
+            .any(|id| id == "0x0005"),
+        "the guest sees a virtio balloon",
+    );
+    out.check(out.get("guest_filled") == "0", "the guest filled its tmpfs");
+    let kib = |key: &str| out.get(key).trim().parse::<u64>().unwrap_or(0);
+    let (filled, freed) = (kib("rss_filled"), kib("rss_freed"));
+    out.check(
+        filled >= 64 << 10,
+        &format!("guest RAM resident with 64 MiB filled: {filled} KiB"),
+    );
+    out.check(
+        freed + (48 << 10) <= filled,
+        &format!(
+            "guest RAM resident fell by 48 MiB or more after the guest freed 64 MiB: \
+             {filled} -> {freed} KiB"
+        ),
+    );
+    let metrics: serde_json::Value = serde_json::from_str(out.get("api")).unwrap_or_default();
+    let balloon = metrics["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["type"] == 5))
+        .cloned()
+        .unwrap_or_default();
+    out.check(
+        balloon["activated"] == true,
+        &format!("the balloon is active: {balloon}"),
+    );
+    let counters = &balloon["counters"];
+    println!(
+        "guest RAM resident: {filled} KiB filled, {freed} KiB after the free; balloon: {counters}"
+    );
+    out.check(
+        counters["discarded_bytes"].as_u64().unwrap_or(0) >= 48 << 20
+            && counters["invalid_descriptors"] == 0
+            && counters["discard_errors"] == 0
+            && counters["unexpected_buffers"] == 0,
+        &format!("the balloon gave back what the guest freed, and nothing went wrong: {counters}"),
+    );
+    out.check(
+        out.get("shutdown").contains("\"ok\":true") && out.get("vmm_exit") == "0",
+        "the VMM shuts down cleanly",
+    );
+}

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{boot, gdt, layout, mptable};
 use crate::config::{SerialOutput, ValidatedConfig};
 use crate::devices::legacy::{EventFdTrigger, Serial, SerialError, I8042};
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
@@ -249,6 +250,12 @@ pub fn build_vm(config: &ValidatedConfig) -> Result<Vmm, BuildError> {
             source,
         })?;
         let (slot, entry) = attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(dev))?;
+        slots.push(slot);
+        cmdline_extra.push(entry);
+    }
+    if cfg.free_page_reporting {
+        let (slot, entry) =
+            attach_virtio(&vm, &mem, &mut mmio, slots.len(), Box::new(Balloon::new()))?;
         slots.push(slot);
         cmdline_extra.push(entry);
     }

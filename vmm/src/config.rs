@@ -232,6 +232,10 @@ pub struct VmConfig {
     /// virtio-fs devices (vhost-user frontends to virtiofsd).
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// A virtio-balloon device that only takes the guest's free page reports, so that memory
+    /// the guest frees goes back to the host (default off).
+    #[serde(default)]
+    pub free_page_reporting: bool,
     /// Optional control API socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,

@@ -328,6 +328,31 @@ mod tests {
         assert_forbidden(ThreadKind::Vmm, exec_mapping);
     }
 
+    fn punch_hole_on_bad_fd() {
+        // SAFETY: fallocate(2) of fd -1 fails with EBADF if allowed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_fallocate,
+                -1,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0usize,
+                4096usize,
+            )
+        };
+    }
+
+    fn allocate_on_bad_fd() {
+        // SAFETY: as above, with mode 0 (allocate, which could grow a file).
+        unsafe { libc::syscall(libc::SYS_fallocate, -1, 0, 0usize, 4096usize) };
+    }
+
+    #[test]
+    fn event_loop_may_punch_holes_for_the_balloon_but_not_allocate() {
+        assert_allowed(ThreadKind::Vmm, punch_hole_on_bad_fd);
+        assert_forbidden(ThreadKind::Vmm, allocate_on_bad_fd);
+        assert_forbidden(ThreadKind::Vcpu, punch_hole_on_bad_fd);
+    }
+
     #[test]
     fn signal_thread_filter_refuses_everything_else() {
         assert_allowed(ThreadKind::Signals, data_mapping);

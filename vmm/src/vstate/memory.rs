@@ -191,6 +191,72 @@ fn shared_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     Ok(GuestMemoryMmap::from_ranges_with_files(ranges)?)
 }
 
+/// The page size of guest RAM's host mappings that [`discard`] works in.
+pub const DISCARD_PAGE: u64 = 4096;
+
+/// Why a range of guest memory was not discarded.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    /// The range is not inside one RAM region (or its end overflows).
+    #[error("range {addr:#x}+{len:#x} is not inside one guest RAM region")]
+    OutOfRange {
+        /// Guest physical start.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `madvise` or `fallocate` failed.
+    #[error("cannot discard guest memory: {0}")]
+    Host(#[source] std::io::Error),
+}
+
+/// Gives the host memory behind the guest RAM range `addr`..`addr + len` back to the host:
+/// the guest reads zeros there afterwards. Only whole pages inside the range are discarded
+/// (a partial page at either end is kept). Private RAM is dropped with `MADV_DONTNEED`; for
+/// RAM in the memfd a hole is punched in the file, which also frees it in every other
+/// mapping of it (a vhost-user backend's). Returns the bytes discarded.
+///
+/// The range comes from the guest: it is checked to lie in one region before anything is
+/// touched.
+pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<u64, DiscardError> {
+    let out_of_range = || DiscardError::OutOfRange { addr: addr.0, len };
+    let end = addr.0.checked_add(len).ok_or_else(out_of_range)?;
+    let region = mem.find_region(addr).ok_or_else(out_of_range)?;
+    let offset = addr.0 - region.start_addr().0;
+    if end - region.start_addr().0 > region.len() {
+        return Err(out_of_range());
+    }
+    let first = offset.div_ceil(DISCARD_PAGE) * DISCARD_PAGE;
+    let last = (end - region.start_addr().0) / DISCARD_PAGE * DISCARD_PAGE;
+    if last <= first {
+        return Ok(0);
+    }
+    let bytes = last - first;
+    let host = region
+        .get_host_address(MemoryRegionAddress(first))
+        .map_err(|_| out_of_range())?;
+    let result = match region.file_offset() {
+        // SAFETY: punching a hole in our own memfd, inside the window this region maps
+        // (checked above); KEEP_SIZE leaves the sealed size alone.
+        Some(fo) => unsafe {
+            libc::fallocate(
+                fo.file().as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (fo.start() + first) as libc::off_t,
+                bytes as libc::off_t,
+            )
+        },
+        // SAFETY: `host`..`host + bytes` lies inside this region's private anonymous
+        // mapping (checked above), which only guest memory accesses use; after
+        // MADV_DONTNEED they read zeros, which is what the guest asked for.
+        None => unsafe { libc::madvise(host.cast(), bytes as usize, libc::MADV_DONTNEED) },
+    };
+    if result != 0 {
+        return Err(DiscardError::Host(std::io::Error::last_os_error()));
+    }
+    Ok(bytes)
+}
+
 /// The memfd and its offset behind guest memory at host address `host`, if the `len` bytes
 /// there lie in one memfd-backed region.
 fn memfd_at_host(mem: &GuestMemoryMmap, host: u64, len: usize) -> Option<(&File, u64)> {
@@ -415,6 +481,84 @@ mod tests {
         assert!(mem
             .read_exact_volatile_from(GuestAddress(0x20_0000), &mut reader, data.len())
             .is_err());
+    }
+
+    /// Resident bytes of the mapping at `host` (`mincore`, whole pages).
+    fn resident(host: *mut u8, len: usize) -> usize {
+        let mut vec = vec![0u8; len / 4096];
+        // SAFETY: `host`..`host + len` is a mapping of ours; `vec` has a byte per page.
+        let r = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        vec.iter().filter(|b| *b & 1 == 1).count() * 4096
+    }
+
+    #[test]
+    fn discard_gives_pages_back_and_they_read_as_zero() {
+        for backing in [Backing::Private, Backing::Shared] {
+            let mem = create_guest_memory(64 << 20, backing).unwrap();
+            let base = 0x40_0000u64;
+            let fill = vec![0xa5u8; 4 << 20];
+            mem.write_slice(&fill, GuestAddress(base)).unwrap();
+            let region = mem.find_region(GuestAddress(base)).unwrap();
+            let host = region.get_host_address(MemoryRegionAddress(base)).unwrap();
+            assert_eq!(resident(host, 4 << 20), 4 << 20, "{backing:?}");
+            // Unaligned at both ends: the partial pages stay. The range is base + 100 to
+            // base + 2 MiB + 4100, so the whole pages are base + 4 KiB to base + 2 MiB + 4 KiB.
+            let n = discard(&mem, GuestAddress(base + 100), (2 << 20) + 4000).unwrap();
+            assert_eq!(n, 2 << 20, "{backing:?}");
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(base + 4095)).unwrap(), 0xa5);
+            let mut back = vec![1u8; 2 << 20];
+            mem.read_slice(&mut back, GuestAddress(base + 4096))
+                .unwrap();
+            assert!(back.iter().all(|b| *b == 0), "{backing:?}");
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(base + (2 << 20) + 4096))
+                    .unwrap(),
+                0xa5
+            );
+            // Whole 2 MiB pages: nothing of them stays resident (reading them above faulted
+            // the first one back in, as zeros; discard it again).
+            discard(&mem, GuestAddress(base), 4 << 20).unwrap();
+            assert_eq!(resident(host, 4 << 20), 0, "{backing:?}");
+            if let Some(fo) = region.file_offset() {
+                // The memfd itself lost the pages: another mapper sees zeros too.
+                let mut b = [0xffu8; 1];
+                std::os::unix::fs::FileExt::read_exact_at(fo.file(), &mut b, base + 8192).unwrap();
+                assert_eq!(b[0], 0);
+                assert_eq!(fo.file().metadata().unwrap().len(), 64 << 20, "size kept");
+            }
+            // Less than a page, or nothing: nothing happens.
+            assert_eq!(discard(&mem, GuestAddress(base + 1), 4095).unwrap(), 0);
+            assert_eq!(discard(&mem, GuestAddress(base), 0).unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn discard_refuses_ranges_outside_one_region() {
+        let mem = create_guest_memory(4 << 30, Backing::Private).unwrap();
+        let low_end = mem.iter().next().unwrap().len();
+        for (addr, len) in [
+            (64u64 << 30, 4096u64),  // past all RAM
+            (low_end - 4096, 8192),  // into the MMIO gap
+            (0xd000_0000, 4096),     // in the gap
+            (u64::MAX - 4095, 8192), // end overflows
+            (4096, u64::MAX),        // length overflows
+        ] {
+            assert!(
+                matches!(
+                    discard(&mem, GuestAddress(addr), len),
+                    Err(DiscardError::OutOfRange { .. })
+                ),
+                "{addr:#x}+{len:#x}"
+            );
+        }
+        // The last page below the gap is fine.
+        mem.write_obj(7u8, GuestAddress(low_end - 1)).unwrap();
+        assert_eq!(
+            discard(&mem, GuestAddress(low_end - 4096), 4096).unwrap(),
+            4096
+        );
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(low_end - 1)).unwrap(), 0);
     }
 
     #[test]

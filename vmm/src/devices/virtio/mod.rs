@@ -3,6 +3,7 @@
 //! A device depends only on guest memory, its queues, eventfds and the [`VirtioInterrupt`]
 //! trait, never on KVM: unit tests and fuzz targets drive it with queues in plain memory.
 
+pub mod balloon;
 pub mod block;
 pub mod fs;
 pub mod mmio;
