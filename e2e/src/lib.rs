@@ -96,6 +96,8 @@ pub struct VmOptions {
     /// under the tag [`carapace::vm::SHARED_FS_TAG`]; the guest mounts it
     /// when asked to (SetupSandbox).
     pub shared_dir: Option<PathBuf>,
+    /// A virtio-balloon device with free page reporting (`vm.free_page_reporting`).
+    pub free_page_reporting: bool,
 }
 
 impl Default for VmOptions {
@@ -105,6 +107,7 @@ impl Default for VmOptions {
             mem_mib: 256,
             extra_cmdline: String::new(),
             shared_dir: None,
+            free_page_reporting: false,
         }
     }
 }
@@ -129,7 +132,9 @@ impl TestVm {
     /// answer within [`BOOT_TIMEOUT`].
     pub async fn boot_with(options: VmOptions) -> TestVm {
         let artifacts = GuestArtifacts::locate();
-        let driver = QemuDriver::from_host().expect("the qemu driver needs its tools");
+        let driver = QemuDriver::from_host()
+            .expect("the qemu driver needs its tools")
+            .with_free_page_reporting(options.free_page_reporting);
         let run_dir = tempfile::Builder::new()
             .prefix("carapace-e2e-")
             .tempdir()

@@ -1,7 +1,9 @@
 //! The first real boot: our vmlinux and initramfs under QEMU, the agent
 //! reached from the host through the hybrid-vsock convention.
 
-use carapace_e2e::TestVm;
+use std::time::{Duration, Instant};
+
+use carapace_e2e::{TestVm, VmOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_answers_health_with_its_version() {
@@ -37,4 +39,46 @@ async fn agent_answers_health_with_its_version() {
     );
     eprintln!("boot to agent ready: {:?}", vm.boot_time());
     vm.shutdown().await;
+}
+
+/// Resident KiB of the process's shared memory: QEMU's guest RAM, a memfd.
+fn rss_shmem_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+/// Free page reporting with the qemu driver (its balloon, `vm.free_page_reporting`): the
+/// guest frees its initramfs once it has unpacked it, reports it, and QEMU gives that memory
+/// back to the host. So the same guest holds less resident RAM with the balloon than
+/// without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_page_reporting_gives_freed_guest_memory_back_under_qemu() {
+    let with = TestVm::boot_with(VmOptions {
+        free_page_reporting: true,
+        ..VmOptions::default()
+    })
+    .await;
+    let without = TestVm::boot().await;
+    let resident = |vm: &TestVm| rss_shmem_kib(vm.handle().monitor.pid);
+    // The guest reports free pages about 2 s after they were freed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while resident(&with) + 2048 > resident(&without) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (w, wo) = (resident(&with), resident(&without));
+    eprintln!("guest RAM resident: {w} KiB with free page reporting, {wo} KiB without");
+    assert!(
+        w > 0 && w + 2048 <= wo,
+        "with the balloon the guest holds at least 2 MiB less: {w} against {wo} KiB"
+    );
+    assert!(
+        with.console().contains("announced to the host"),
+        "the guest runs normally with the balloon"
+    );
+    with.shutdown().await;
+    without.shutdown().await;
 }

@@ -45,6 +45,8 @@ pub struct BuiltinDriver {
     fs_backend: PathBuf,
     /// `Some(base)`: every VMM is jailed with a uid/gid from `base` on.
     jail_id_base: Option<u32>,
+    /// A virtio-balloon device with free page reporting.
+    free_page_reporting: bool,
 }
 
 impl BuiltinDriver {
@@ -62,7 +64,15 @@ impl BuiltinDriver {
                 .ok_or(VmError::MissingTool(VMM_BINARY))?,
             fs_backend: find_in_path("virtiofsd").ok_or(VmError::MissingTool("virtiofsd"))?,
             jail_id_base,
+            free_page_reporting: false,
         })
+    }
+
+    /// Gives each VM a virtio-balloon device that only reports free pages
+    /// (`vm.free_page_reporting`).
+    pub fn with_free_page_reporting(mut self, on: bool) -> Self {
+        self.free_page_reporting = on;
+        self
     }
 
     /// The VMM binary in use.
@@ -82,6 +92,7 @@ impl BuiltinDriver {
             "serial": {"file": spec.console_log()},
             "vsock": {"guest_cid": GUEST_CID, "uds_path": spec.vsock_socket()},
             "api_socket": spec.run_dir.join(API_SOCKET),
+            "free_page_reporting": self.free_page_reporting,
         });
         if spec.shared_dir.is_some() {
             config["fs"] = json!([{

@@ -83,11 +83,14 @@ impl VmDriver {
     pub fn from_host(kind: DriverKind, config: &crate::config::VmConfig) -> Result<Self, VmError> {
         Ok(match kind {
             DriverKind::Qemu => VmDriver::Qemu(
-                qemu::QemuDriver::from_host()?.with_tcg_cache_mib(config.tcg_translation_cache_mib),
+                qemu::QemuDriver::from_host()?
+                    .with_tcg_cache_mib(config.tcg_translation_cache_mib)
+                    .with_free_page_reporting(config.free_page_reporting),
             ),
-            DriverKind::Builtin => VmDriver::Builtin(builtin::BuiltinDriver::from_host(
-                config.jail.then_some(config.jail_id_base),
-            )?),
+            DriverKind::Builtin => VmDriver::Builtin(
+                builtin::BuiltinDriver::from_host(config.jail.then_some(config.jail_id_base))?
+                    .with_free_page_reporting(config.free_page_reporting),
+            ),
         })
     }
 

@@ -62,6 +62,8 @@ pub struct QemuDriver {
     accel: Accel,
     /// `tb-size` under TCG, in MiB; 0: QEMU's default.
     tcg_cache_mib: u32,
+    /// A virtio-balloon device with free page reporting.
+    free_page_reporting: bool,
 }
 
 impl QemuDriver {
@@ -76,6 +78,7 @@ impl QemuDriver {
             fs_backend: find_in_path("virtiofsd").ok_or(VmError::MissingTool("virtiofsd"))?,
             accel: Accel::for_host(KvmKind::detect()),
             tcg_cache_mib: 0,
+            free_page_reporting: false,
         })
     }
 
@@ -83,6 +86,13 @@ impl QemuDriver {
     /// 0 leaves QEMU's default. No effect under KVM.
     pub fn with_tcg_cache_mib(mut self, mib: u32) -> Self {
         self.tcg_cache_mib = mib;
+        self
+    }
+
+    /// Gives each VM a virtio-balloon device that only reports free pages
+    /// (`vm.free_page_reporting`).
+    pub fn with_free_page_reporting(mut self, on: bool) -> Self {
+        self.free_page_reporting = on;
         self
     }
 
@@ -154,6 +164,14 @@ impl QemuDriver {
                 format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
                 "-device".into(),
                 format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+            ]);
+        }
+        if self.free_page_reporting {
+            // The balloon's target stays 0: it only takes the guest's reports
+            // of free pages, whose memory QEMU then gives back to the host.
+            args.extend([
+                "-device".into(),
+                "virtio-balloon-device,free-page-reporting=on".into(),
             ]);
         }
         args.extend([
@@ -283,6 +301,7 @@ mod tests {
             fs_backend: "virtiofsd".into(),
             accel: Accel::Tcg,
             tcg_cache_mib: 0,
+            free_page_reporting: false,
         }
     }
 
@@ -298,6 +317,19 @@ mod tests {
         kvm.accel = Accel::Kvm;
         let args = kvm.qemu_args(&spec(dir)).join(" ");
         assert!(args.contains("-accel kvm -cpu host"), "{args}");
+    }
+
+    #[test]
+    fn free_page_reporting_adds_a_balloon() {
+        let dir = Path::new("/run/vm1");
+        let balloon = "-device virtio-balloon-device,free-page-reporting=on";
+        let args = driver().qemu_args(&spec(dir)).join(" ");
+        assert!(!args.contains("balloon"), "{args}");
+        let args = driver()
+            .with_free_page_reporting(true)
+            .qemu_args(&spec(dir))
+            .join(" ");
+        assert!(args.contains(balloon), "{args}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ fn driver(vmm: PathBuf) -> BuiltinDriver {
         vmm,
         fs_backend: "virtiofsd".into(),
         jail_id_base: None,
+        free_page_reporting: false,
     }
 }
 
@@ -55,11 +56,17 @@ fn config_is_one_the_vmm_accepts() {
     assert_eq!(config["vsock"]["uds_path"], json!(s.vsock_socket()));
     assert_eq!(config["serial"]["file"], json!(s.console_log()));
     assert!(config.get("fs").is_none() && config.get("net").is_none());
+    assert_eq!(config["free_page_reporting"], false);
     // The VMM's own parser and validation: field names and bounds agree.
     let parsed: carapace_vmm::config::VmConfig = serde_json::from_value(config).unwrap();
     parsed
         .validate()
         .expect("the VMM accepts the runtime's config");
+    let config = driver("carapace-vmm".into())
+        .with_free_page_reporting(true)
+        .vmm_config(&s, None);
+    let parsed: carapace_vmm::config::VmConfig = serde_json::from_value(config).unwrap();
+    assert!(parsed.free_page_reporting);
     // Jailed: the run directory is the root, every socket is inside it.
     let config = driver("carapace-vmm".into()).vmm_config(&s, Some(2_000_000_007));
     assert_eq!(
