@@ -8,15 +8,14 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::metrics::BalloonMetrics;
+use super::report;
 use super::{
     NUM_QUEUES, QUEUE_SIZES, REPORTING_QUEUE, VIRTIO_BALLOON_F_REPORTING, VIRTIO_ID_BALLOON,
 };
-use crate::devices::virtio::queue::{validate_chain, Direction};
 use crate::devices::virtio::{
     read_config_space, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
 };
-use crate::vstate::memory::{discard, DiscardError};
 
 /// Queues and memory of an activated device.
 struct Active {
@@ -61,32 +60,7 @@ impl Balloon {
         while let Some(chain) = queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             if index == REPORTING_QUEUE {
-                m.reports.fetch_add(1, Ordering::Relaxed);
-                // Each descriptor is one free range, written by nobody: the device only
-                // drops the memory behind it. Linux marks them device-writable.
-                match validate_chain(&chain, Direction::DeviceWrites, u64::MAX) {
-                    Ok(_) => {
-                        for desc in chain.clone() {
-                            m.reported_ranges.fetch_add(1, Ordering::Relaxed);
-                            match discard(&mem, desc.addr(), u64::from(desc.len())) {
-                                Ok(n) => {
-                                    m.discarded_bytes.fetch_add(n, Ordering::Relaxed);
-                                }
-                                Err(DiscardError::OutOfRange { .. }) => {
-                                    m.invalid_descriptors.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Err(e @ DiscardError::Host(_)) => {
-                                    m.discard_errors.fetch_add(1, Ordering::Relaxed);
-                                    tracing::warn!("balloon: {e}");
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        m.invalid_descriptors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!("balloon: report dropped: {e}");
-                    }
-                }
+                report::process(&mem, chain, m);
             } else {
                 m.unexpected_buffers.fetch_add(1, Ordering::Relaxed);
             }

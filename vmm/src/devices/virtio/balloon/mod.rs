@@ -9,6 +9,7 @@
 
 mod device;
 pub mod metrics;
+pub mod report;
 
 pub use device::Balloon;
 pub use metrics::BalloonMetrics;
