@@ -7,7 +7,8 @@
 //! virtiofsd), split into the guest RAM the guest touched and the rest.
 //! `cargo bench -p carapace-e2e --bench pod_start` (pods: PODS, 10; the
 //! daemon's log and the pods' consoles are copied to POD_START_DAEMON_LOG
-//! when set; WARM_POOL=n sets the daemon's `vm.warm_pool` (else its default), and the first
+//! when set; FREE_PAGE_REPORTING=0 or 1 sets its `vm.free_page_reporting`; WARM_POOL=n sets
+//! the daemon's `vm.warm_pool` (else its default), and the first
 //! pod then waits until the first warm VM is ready, as on a node whose
 //! pool filled long before its pods came; the next pods come one after
 //! the other, each while the replacement of the previous one boots).
@@ -88,10 +89,14 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
         // TCG_CACHE_MIB: the daemon's vm.tcg_translation_cache_mib;
+        // FREE_PAGE_REPORTING=0|1: its vm.free_page_reporting;
         // WARM_POOL: its vm.warm_pool.
         let mut vm_lines = String::new();
         if let Ok(mib) = std::env::var("TCG_CACHE_MIB") {
             vm_lines.push_str(&format!("tcg_translation_cache_mib = {mib}\n"));
+        }
+        if let Ok(on) = std::env::var("FREE_PAGE_REPORTING") {
+            vm_lines.push_str(&format!("free_page_reporting = {}\n", on == "1"));
         }
         let warm_pool: u8 = std::env::var("WARM_POOL")
             .ok()
