@@ -123,6 +123,44 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// What an activated device works with: guest memory, the driver's queues (in the device's
+/// order) and the line that interrupts the guest.
+pub struct Active {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The driver's queues.
+    pub queues: Vec<Queue>,
+    /// The device's interrupt.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl Active {
+    /// The state of a device the driver activated with `queues`, which must be `expected`
+    /// in number.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        expected: usize,
+    ) -> Result<Self, ActivateError> {
+        check_queue_count(queues.len(), expected)?;
+        Ok(Self {
+            mem,
+            queues,
+            interrupt,
+        })
+    }
+}
+
+/// Refuses an activation with a number of queues other than the device's.
+pub fn check_queue_count(got: usize, expected: usize) -> Result<(), ActivateError> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(ActivateError::QueueCount { expected, got })
+    }
+}
+
 /// A virtio device model (the Firecracker shape: features, queues, config space, activate,
 /// reset), plus the two event entry points the VMM's event loop calls.
 pub trait VirtioDevice: Send {
@@ -152,9 +190,11 @@ pub trait VirtioDevice: Send {
     /// The driver notified queue `index`.
     fn process_queue(&mut self, index: usize);
     /// A file descriptor the event loop watches for the device's backend, if any.
-    fn backend_fd(&self) -> Option<RawFd>;
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
     /// [`Self::backend_fd`] is readable.
-    fn process_backend(&mut self);
+    fn process_backend(&mut self) {}
     /// The device's counters.
     fn metrics_json(&self) -> serde_json::Value;
     /// Offered once, before the VM runs, the queue notification eventfds (the KVM

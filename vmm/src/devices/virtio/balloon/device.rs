@@ -1,6 +1,5 @@
 //! The balloon device model and its queues.
 
-use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -13,16 +12,9 @@ use super::{
     NUM_QUEUES, QUEUE_SIZES, REPORTING_QUEUE, VIRTIO_BALLOON_F_REPORTING, VIRTIO_ID_BALLOON,
 };
 use crate::devices::virtio::{
-    read_config_space, ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt,
+    read_config_space, ActivateError, Active, InterruptKind, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
 };
-
-/// Queues and memory of an activated device.
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<dyn VirtioInterrupt>,
-}
 
 /// A balloon that only takes free page reports.
 #[derive(Default)]
@@ -116,23 +108,14 @@ impl VirtioDevice for Balloon {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        let active = Active::new(mem, queues, interrupt, NUM_QUEUES)?;
         if self.acked_features & (1 << VIRTIO_BALLOON_F_REPORTING) == 0 {
             // Without it the driver sets up only two queues; ours would never be ready.
             return Err(ActivateError::Backend(
                 "the driver did not accept free page reporting".into(),
             ));
         }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.active = Some(active);
         Ok(())
     }
 
@@ -150,12 +133,6 @@ impl VirtioDevice for Balloon {
     fn process_queue(&mut self, index: usize) {
         self.handle_queue(index);
     }
-
-    fn backend_fd(&self) -> Option<RawFd> {
-        None
-    }
-
-    fn process_backend(&mut self) {}
 
     fn metrics_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&*self.metrics).unwrap_or_default();

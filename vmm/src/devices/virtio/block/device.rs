@@ -2,7 +2,6 @@
 //! activation.
 
 use std::fs::OpenOptions;
-use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,15 +15,8 @@ use super::{
     VIRTIO_ID_BLOCK,
 };
 use crate::devices::virtio::{
-    read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    read_config_space, ActivateError, Active, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
-
-/// Queues and memory of an activated device.
-pub(super) struct Active {
-    pub mem: GuestMemoryMmap,
-    pub queues: Vec<Queue>,
-    pub interrupt: Arc<dyn VirtioInterrupt>,
-}
 
 /// A virtio-blk device backed by a file.
 pub struct Block {
@@ -103,17 +95,8 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        let active = Active::new(mem, queues, interrupt, NUM_QUEUES)?;
+        self.active = Some(active);
         Ok(())
     }
 
@@ -130,12 +113,6 @@ impl VirtioDevice for Block {
     fn process_queue(&mut self, index: usize) {
         self.handle_queue_event(index);
     }
-
-    fn backend_fd(&self) -> Option<RawFd> {
-        None
-    }
-
-    fn process_backend(&mut self) {}
 
     fn metrics_json(&self) -> serde_json::Value {
         serde_json::to_value(&*self.metrics).unwrap_or_default()

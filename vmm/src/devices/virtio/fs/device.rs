@@ -20,7 +20,8 @@ use super::{
 };
 use crate::config::FsConfig;
 use crate::devices::virtio::{
-    read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    check_queue_count, read_config_space, ActivateError, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Token of the backend socket in the device's epoll set (queue `i` uses token `i`).
@@ -150,12 +151,7 @@ impl Fs {
         mem: &GuestMemoryMmap,
         queues: &[Queue],
     ) -> Result<(), ActivateError> {
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
+        check_queue_count(queues.len(), self.queue_sizes.len())?;
         if self.broken {
             return Err(ActivateError::Backend(FsError::Broken.to_string()));
         }

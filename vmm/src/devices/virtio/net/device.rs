@@ -16,15 +16,8 @@ use super::{
     VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
 };
 use crate::devices::virtio::{
-    read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    read_config_space, ActivateError, Active, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
-
-/// Queues and memory of an activated device.
-pub(super) struct Active {
-    pub mem: GuestMemoryMmap,
-    pub queues: Vec<Queue>,
-    pub interrupt: Arc<dyn VirtioInterrupt>,
-}
 
 /// The tap's registration in the device's epoll set: it is in the set only while we want
 /// frames from it (activated, and the guest has receive buffers), so a guest that posts no
@@ -201,12 +194,7 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        let active = Active::new(mem, queues, interrupt, NUM_QUEUES)?;
         // Offloads must match this negotiation (a previous driver may have set more).
         let offloads = self.tap_offloads();
         if let Err(e) = self.backend.set_offload(offloads) {
@@ -220,11 +208,7 @@ impl VirtioDevice for Net {
         self.tap
             .arm()
             .map_err(|e| ActivateError::Backend(format!("cannot watch the tap: {e}")))?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.active = Some(active);
         // Frames may have arrived before the driver came up.
         self.process_rx();
         Ok(())

@@ -11,15 +11,8 @@ use super::metrics::VsockMetrics;
 use super::muxer::VsockMuxer;
 use super::{VsockError, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_VSOCK};
 use crate::devices::virtio::{
-    read_config_space, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    read_config_space, ActivateError, Active, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
-
-/// Queues and memory of an activated device.
-pub(super) struct Active {
-    pub mem: GuestMemoryMmap,
-    pub queues: Vec<Queue>,
-    pub interrupt: Arc<dyn VirtioInterrupt>,
-}
 
 /// The virtio-vsock device.
 pub struct Vsock {
@@ -94,17 +87,8 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        let active = Active::new(mem, queues, interrupt, NUM_QUEUES)?;
+        self.active = Some(active);
         // Host clients may have connected before the driver came up.
         self.process_rx();
         Ok(())
