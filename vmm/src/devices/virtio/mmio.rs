@@ -334,6 +334,34 @@ pub(crate) mod test_driver {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::Address;
 
+    /// One chain's descriptors for table index `start` on: `(address, length,
+    /// device-writable)` each, linked in order. The last one links to `link_to` if given (a
+    /// jump or a loop), else ends the chain.
+    pub fn chain(
+        start: u16,
+        descs: &[(u64, u32, bool)],
+        link_to: Option<u16>,
+    ) -> Vec<virtio_queue::desc::RawDescriptor> {
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, writable))| {
+                let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+                let next = if i + 1 < descs.len() {
+                    Some(start + i as u16 + 1)
+                } else {
+                    link_to
+                };
+                if next.is_some() {
+                    flags |= VRING_DESC_F_NEXT;
+                }
+                RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next.unwrap_or(0)))
+            })
+            .collect()
+    }
+
     pub fn read(t: &mut MmioTransport, offset: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(offset, &mut b);

@@ -4,14 +4,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Balloon, BalloonMetrics, QUEUE_SIZES, REPORTING_QUEUE, VIRTIO_BALLOON_F_REPORTING};
-use crate::devices::virtio::mmio::test_driver::{bring_up, read, write};
+use crate::devices::virtio::mmio::test_driver::{bring_up, chain, read, write};
 use crate::devices::virtio::{IrqLine, MmioTransport, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::vstate::memory::{create_guest_memory, Backing};
@@ -62,27 +60,16 @@ fn rig(mem: &GuestMemoryMmap) -> Rig<'_> {
     }
 }
 
-/// (address, length, flags other than NEXT)
-type Desc = (u64, u32, u32);
+/// (address, length, device-writable)
+type Desc = (u64, u32, bool);
 
 impl Rig<'_> {
     /// Puts one chain on queue `q`, notifies, checks it came back used with length 0.
     fn submit(&mut self, q: usize, descs: &[Desc]) {
         let start = self.next_desc[q];
-        let raws: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let mut flags = flags;
-                let mut next = 0;
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT;
-                    next = start + i as u16 + 1;
-                }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-            })
-            .collect();
-        self.queues[q].add_desc_chains(&raws, start).unwrap();
+        self.queues[q]
+            .add_desc_chains(&chain(start, descs, None), start)
+            .unwrap();
         self.next_desc[q] += descs.len() as u16;
         self.irq.ack(u32::MAX);
         self.transport.device_mut().process_queue(q);
@@ -115,7 +102,7 @@ impl Rig<'_> {
     }
 }
 
-const W: u32 = VRING_DESC_F_WRITE;
+const W: bool = true;
 
 #[test]
 fn reported_ranges_are_given_back_and_read_as_zero() {
@@ -151,7 +138,7 @@ fn malformed_reports_change_nothing() {
     r.fill();
     let bad: [&[Desc]; 4] = [
         // Readable: the wrong direction for a report.
-        &[(FREE, MIB as u32, 0)],
+        &[(FREE, MIB as u32, false)],
         // A good range followed by one outside guest memory: the whole report is dropped.
         &[(FREE, MIB as u32, W), (64 * MIB, MIB as u32, W)],
         // Zero length.
@@ -169,14 +156,8 @@ fn malformed_reports_change_nothing() {
     }
     // A chain that loops: its head points at itself.
     let start = r.next_desc[REPORTING_QUEUE];
-    let looped = RawDescriptor::from(SplitDescriptor::new(
-        FREE,
-        MIB as u32,
-        (W | VRING_DESC_F_NEXT) as u16,
-        start,
-    ));
     r.queues[REPORTING_QUEUE]
-        .add_desc_chains(&[looped], start)
+        .add_desc_chains(&chain(start, &[(FREE, MIB as u32, W)], Some(start)), start)
         .unwrap();
     r.next_desc[REPORTING_QUEUE] += 1;
     r.transport.device_mut().process_queue(REPORTING_QUEUE);
@@ -197,8 +178,8 @@ fn inflate_and_deflate_buffers_come_back_untouched() {
         .flat_map(u32::to_le_bytes)
         .collect();
     mem.write_slice(&pfns, GuestAddress(0x8000)).unwrap();
-    r.submit(0, &[(0x8000, pfns.len() as u32, 0)]);
-    r.submit(1, &[(0x8000, pfns.len() as u32, 0)]);
+    r.submit(0, &[(0x8000, pfns.len() as u32, false)]);
+    r.submit(1, &[(0x8000, pfns.len() as u32, false)]);
     assert_eq!(r.count(|m| &m.unexpected_buffers), 2);
     assert_eq!(r.count(|m| &m.discarded_bytes), 0);
     assert_eq!(r.byte(FREE), 0xa5);

@@ -5,15 +5,13 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{req_type, status};
 use super::{Block, BlockMetrics, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
-use crate::devices::virtio::mmio::test_driver::{bring_up, read};
+use crate::devices::virtio::mmio::test_driver::{bring_up, chain, read};
 use crate::devices::virtio::{IrqLine, MmioTransport, VirtioDevice};
 
 const HDR: u64 = 0x10_0000;
@@ -75,19 +73,7 @@ impl Rig<'_> {
     fn submit(&mut self, descs: &[Desc]) -> (u32, u8) {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let start = self.next_desc;
-        let raws: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, w))| {
-                let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
-                let mut next = 0;
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT;
-                    next = start + i as u16 + 1;
-                }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-            })
-            .collect();
+        let raws = chain(start, descs, None);
         self.queue.add_desc_chains(&raws, start).unwrap();
         self.next_desc += descs.len() as u16;
         self.transport.device_mut().process_queue(0);

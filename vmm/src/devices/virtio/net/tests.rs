@@ -7,8 +7,6 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -16,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::features::*;
 use super::tap::NetBackend;
 use super::{Net, NetMetrics, MAX_TX_CHAIN_LEN, RXQ, TXQ, VNET_HDR_LEN};
-use crate::devices::virtio::mmio::test_driver::{bring_up, read};
+use crate::devices::virtio::mmio::test_driver::{bring_up, chain, read};
 use crate::devices::virtio::{IrqLine, MmioTransport, VIRTIO_F_VERSION_1};
 
 const QSIZE: u16 = 256;
@@ -141,30 +139,17 @@ impl Rig<'_> {
     /// `link_to`, the last descriptor points to that index instead of ending the chain.
     fn add(&mut self, q: usize, descs: &[D], link_to: Option<u16>) -> (u16, Vec<u64>) {
         let start = self.next_desc[q];
-        let mut raws = Vec::new();
+        let mut parts = Vec::new();
         let mut addrs = Vec::new();
-        for (i, d) in descs.iter().enumerate() {
+        for d in descs {
             let (addr, len, w) = match *d {
                 D::Buf(len, w) => (self.alloc(len), len, w),
                 D::Raw { addr, len, write } => (addr, len, write),
             };
-            let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
-            let mut next = 0;
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT;
-                next = start + i as u16 + 1;
-            } else if let Some(to) = link_to {
-                flags |= VRING_DESC_F_NEXT;
-                next = to;
-            }
-            raws.push(RawDescriptor::from(SplitDescriptor::new(
-                addr,
-                len,
-                flags as u16,
-                next,
-            )));
+            parts.push((addr, len, w));
             addrs.push(addr);
         }
+        let raws = chain(start, &parts, link_to);
         self.queues[q].add_desc_chains(&raws, start).unwrap();
         self.next_desc[q] = start + descs.len() as u16;
         (start, addrs)

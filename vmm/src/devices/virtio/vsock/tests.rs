@@ -9,15 +9,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::{op, PacketHeader, HDR_SIZE, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::{Vsock, VsockMetrics, RXQ, TXQ};
-use crate::devices::virtio::mmio::test_driver::{bring_up, read, write};
+use crate::devices::virtio::mmio::test_driver::{bring_up, chain, read, write};
 use crate::devices::virtio::{IrqLine, MmioTransport, VIRTIO_F_VERSION_1};
 
 const GUEST_CID: u64 = 3;
@@ -63,31 +61,17 @@ impl<'a> Guest<'a> {
     /// `link_to`, the last descriptor points to that index instead of ending the chain.
     fn add(&mut self, q: usize, descs: &[D], link_to: Option<u16>) -> Vec<u64> {
         let start = self.next_desc[q];
-        let mut raws = Vec::new();
+        let mut parts = Vec::new();
         let mut addrs = Vec::new();
-        for (i, d) in descs.iter().enumerate() {
+        for d in descs {
             let (addr, len, w) = match *d {
                 D::Buf(len, w) => (self.alloc(len.max(1)), len, w),
                 D::Raw { addr, len, write } => (addr, len, write),
             };
-            let last = i == descs.len() - 1;
-            let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
-            let mut next = 0;
-            if !last {
-                flags |= VRING_DESC_F_NEXT;
-                next = start + i as u16 + 1;
-            } else if let Some(to) = link_to {
-                flags |= VRING_DESC_F_NEXT;
-                next = to;
-            }
-            raws.push(RawDescriptor::from(SplitDescriptor::new(
-                addr,
-                len,
-                flags as u16,
-                next,
-            )));
+            parts.push((addr, len, w));
             addrs.push(addr);
         }
+        let raws = chain(start, &parts, link_to);
         self.queues[q].add_desc_chains(&raws, start).unwrap();
         self.next_desc[q] = start + descs.len() as u16;
         addrs
