@@ -150,16 +150,6 @@ fn raw(uds: &Path, port: u32, wait: Duration) -> bool {
     }
 }
 
-/// `VmRSS`-style fields of `/proc/<pid>/status`, in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// The resident KiB of the process's largest mapping: guest RAM, whether a shared memfd or
 /// private anonymous memory (no other mapping of either monitor comes near its size).
 fn guest_ram_rss_kib(pid: u32) -> u64 {
@@ -273,7 +263,7 @@ fn boot(uds: &Path, timeout: Duration, program: &str, args: &[String]) -> bool {
                 ("rss_shmem_kb", "RssShmem"),
                 ("vm_hwm_kb", "VmHWM"),
             ] {
-                result(key, status_kib(pid, field));
+                result(key, carapace_e2e::status_kib(pid, field));
             }
             result("rss_guest_kb", guest_ram_rss_kib(pid));
             true

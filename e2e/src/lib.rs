@@ -65,6 +65,17 @@ impl GuestArtifacts {
     }
 }
 
+/// A `VmRSS`-style field of `/proc/<pid>/status`, in KiB (0 if the process or field is
+/// gone).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The busybox demo image (an OCI layout directory, one uncompressed
 /// layer) from `CARAPACE_BUSYBOX_IMAGE` (default `<target dir>/images/busybox`);
 /// panics with the command that builds it.

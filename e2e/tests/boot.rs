@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use carapace_e2e::{TestVm, VmOptions};
+use carapace_e2e::{status_kib, TestVm, VmOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_answers_health_with_its_version() {
@@ -41,16 +41,6 @@ async fn agent_answers_health_with_its_version() {
     vm.shutdown().await;
 }
 
-/// Resident KiB of the process's shared memory: QEMU's guest RAM, a memfd.
-fn rss_shmem_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssShmem:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
-}
-
 /// Free page reporting with the qemu driver (its balloon, `vm.free_page_reporting`): the
 /// guest frees its initramfs once it has unpacked it, reports it, and QEMU gives that memory
 /// back to the host. So the same guest holds less resident RAM with the balloon than
@@ -63,7 +53,8 @@ async fn free_page_reporting_gives_freed_guest_memory_back_under_qemu() {
     })
     .await;
     let without = TestVm::boot().await;
-    let resident = |vm: &TestVm| rss_shmem_kib(vm.handle().monitor.pid);
+    // QEMU's guest RAM is a memfd: its shared memory.
+    let resident = |vm: &TestVm| status_kib(vm.handle().monitor.pid, "RssShmem");
     // The guest reports free pages about 2 s after they were freed.
     let deadline = Instant::now() + Duration::from_secs(30);
     while resident(&with) + 2048 > resident(&without) && Instant::now() < deadline {
