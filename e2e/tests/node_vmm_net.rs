@@ -3,6 +3,8 @@
 //! netns), `carapace-vmm` attaches to it, and a busybox guest talks to the node both ways:
 //! ping in each direction, a file from the node to the guest and one from the guest to the
 //! node over TCP (checksums compared), and a TCP connection the node opens to the guest.
+//! The guest takes mergeable receive buffers, so the node's large TSO frames reach it spread
+//! over several of them.
 //! Run with `cargo nextest run -p carapace-e2e --test node_vmm_net`.
 
 use carapace_e2e::node::{busybox_guest_initramfs, NodeImage};
@@ -25,6 +27,7 @@ mount -t tmpfs tmp /tmp
 echo "@@guest_ifaces $(ls /sys/class/net | tr '\n' ' ')"
 echo "@@guest_mac $(cat /sys/class/net/eth0/address)"
 echo "@@guest_mtu $(cat /sys/class/net/eth0/mtu)"
+echo "@@guest_features $(cat /sys/class/net/eth0/device/features)"
 ip link set lo up
 ip addr add 10.0.2.2/24 dev eth0
 ip link set eth0 up
@@ -134,6 +137,20 @@ echo "@@tap_after_exit $(ls /sys/class/net | grep -c tap0)"
         let v = c[key].as_u64().unwrap_or(0);
         out.check(v >= at_least, &format!("{key} = {v} (at least {at_least})"));
     }
+    // Linux's driver takes mergeable receive buffers when offered (feature bit 15), and
+    // the node's TSO frames then span several of them.
+    out.check(
+        out.get("guest_features").chars().nth(15) == Some('1'),
+        &format!(
+            "the guest negotiated mergeable receive buffers: {}",
+            out.get("guest_features")
+        ),
+    );
+    let merged = c["rx_merged"].as_u64().unwrap_or(0);
+    out.check(
+        merged > 0,
+        &format!("rx_merged = {merged} (frames over several buffers)"),
+    );
     for key in ["invalid_descriptors", "tap_errors", "interrupt_errors"] {
         out.check(c[key] == 0, &format!("{key} is 0: {c}"));
     }

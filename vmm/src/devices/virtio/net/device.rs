@@ -8,6 +8,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::event_handler::RxScratch;
 use super::features::*;
 use super::metrics::NetMetrics;
 use super::tap::{NetBackend, Tap};
@@ -65,6 +66,8 @@ pub struct Net {
     pub(super) rx_buf: Vec<u8>,
     /// Length of the frame in `rx_buf` that is not delivered yet.
     pub(super) rx_pending: Option<usize>,
+    /// The receive path's per-frame lists, kept to avoid allocating per frame.
+    pub(super) rx_scratch: RxScratch,
     /// A transmit chain gathered before it goes to the tap in one write.
     pub(super) tx_buf: Vec<u8>,
     pub(super) metrics: Arc<NetMetrics>,
@@ -98,6 +101,7 @@ impl Net {
             },
             rx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             rx_pending: None,
+            rx_scratch: RxScratch::default(),
             tx_buf: vec![0; MAX_TX_CHAIN_LEN],
             metrics: Arc::default(),
         })
@@ -166,6 +170,7 @@ impl VirtioDevice for Net {
             HOST_TSO4,
             HOST_TSO6,
             HOST_UFO,
+            MRG_RXBUF,
         ] {
             f |= 1 << bit;
         }

@@ -4,12 +4,12 @@
 use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EpollEvent;
 
 use super::device::Net;
-use super::features::GUEST_CSUM;
+use super::features::{GUEST_CSUM, MRG_RXBUF};
 use super::{MAX_RX_CHAIN_LEN, MAX_TX_CHAIN_LEN, RXQ, TXQ, VNET_HDR_LEN};
 use crate::devices::virtio::queue::{validate_chain, ChainError, Direction};
 use crate::devices::virtio::InterruptKind;
@@ -51,20 +51,138 @@ pub fn read_tx_frame(
     Ok(frame.len())
 }
 
-/// Writes `frame` (vnet header first) into a receive chain; `Ok(None)` if it does not fit.
-pub fn write_rx_frame(
+/// What became of a frame offered to the receive queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxOutcome {
+    /// Written into this many chains (its header's `num_buffers`), all of them used.
+    Delivered(u16),
+    /// The guest's buffers ran out first: none of them is used, the frame waits.
+    NoBuffers,
+    /// It does not fit in as many buffers as one frame may take: dropped, and none of the
+    /// buffers is used.
+    TooBig,
+}
+
+/// A frame offered to the receive queue: the outcome, and how many malformed chains were
+/// returned to the guest on the way (used, with length 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RxDelivery {
+    pub outcome: RxOutcome,
+    pub invalid: u32,
+}
+
+/// Per-frame bookkeeping kept between frames, so the receive path does not allocate.
+#[derive(Debug, Default)]
+pub struct RxScratch {
+    /// (head, bytes) of each chain the frame went into, in order.
+    used: Vec<(u16, u32)>,
+    /// Malformed chains met after the frame's first buffer.
+    bad: Vec<u16>,
+}
+
+/// Writes `frame` (vnet header first) into the receive queue, across at most `max_buffers`
+/// chains: 1, or the queue size with `VIRTIO_NET_F_MRG_RXBUF` (virtio 1.2 §5.1.6.4). The
+/// header's `num_buffers` is set to the number of chains used.
+///
+/// Nothing is published unless the whole frame fits: a frame that runs out of buffers or
+/// needs more than `max_buffers` rewinds the queue to where it started, so its buffers are
+/// offered again to the next frame (their contents are scratch until used). A malformed
+/// chain, or one shorter than a vnet header, is returned used with length 0: at once if no
+/// buffer of this frame comes before it (it is then behind us for good), otherwise just
+/// before the frame's own entries, which stay contiguous in the used ring as mergeable
+/// buffers must.
+pub fn deliver_rx_frame(
     mem: &GuestMemoryMmap,
-    chain: Chain<'_>,
+    queue: &mut Queue,
     frame: &[u8],
-) -> Result<Option<u32>, FrameError> {
-    let cap = validate_chain(&chain, Direction::DeviceWrites, MAX_RX_CHAIN_LEN)?;
-    if (frame.len() as u64) > cap {
-        return Ok(None);
+    max_buffers: u16,
+    scratch: &mut RxScratch,
+) -> RxDelivery {
+    // Publishes one used entry; a head out of range (a malformed chain's) is counted.
+    let used_entry = |queue: &mut Queue, head: u16, len: u32, invalid: &mut u32| {
+        if queue.add_used(mem, head, len).is_err() {
+            *invalid += 1;
+        }
+    };
+    let mut invalid = 0u32;
+    scratch.used.clear();
+    scratch.bad.clear();
+    if frame.len() < VNET_HDR_LEN {
+        return RxDelivery {
+            outcome: RxOutcome::TooBig,
+            invalid,
+        };
     }
-    let mut writer = chain.writer(mem).map_err(|_| FrameError::Memory)?;
-    std::io::Write::write_all(&mut writer, frame).map_err(|_| FrameError::Memory)?;
-    // `frame.len() <= cap <= MAX_RX_CHAIN_LEN`, which fits a u32.
-    Ok(Some(frame.len() as u32))
+    // Where to rewind to: past the malformed chains already given back.
+    let mut start = queue.next_avail();
+    let mut first: Option<Chain<'_>> = None;
+    let mut offset = 0usize;
+    while offset < frame.len() {
+        if scratch.used.len() + scratch.bad.len() >= usize::from(max_buffers) {
+            queue.set_next_avail(start);
+            return RxDelivery {
+                outcome: RxOutcome::TooBig,
+                invalid,
+            };
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            queue.set_next_avail(start);
+            return RxDelivery {
+                outcome: RxOutcome::NoBuffers,
+                invalid,
+            };
+        };
+        let head = chain.head_index();
+        let written = validate_chain(&chain, Direction::DeviceWrites, MAX_RX_CHAIN_LEN)
+            .ok()
+            .filter(|cap| *cap >= VNET_HDR_LEN as u64)
+            .and_then(|cap| {
+                // `cap <= MAX_RX_CHAIN_LEN`, so the cast is lossless.
+                let n = (frame.len() - offset).min(cap as usize);
+                let mut writer = chain.clone().writer(mem).ok()?;
+                std::io::Write::write_all(&mut writer, &frame[offset..offset + n]).ok()?;
+                Some(n)
+            });
+        match written {
+            Some(n) => {
+                first.get_or_insert(chain);
+                // `n <= MAX_RX_CHAIN_LEN`, which fits a u32.
+                scratch.used.push((head, n as u32));
+                offset += n;
+            }
+            None if scratch.used.is_empty() => {
+                invalid += 1;
+                used_entry(queue, head, 0, &mut invalid);
+                start = queue.next_avail();
+            }
+            None => scratch.bad.push(head),
+        }
+    }
+    // The whole frame is in; now its header can say how many buffers it took. The first
+    // buffer holds the whole header (no buffer is shorter than one).
+    let count = scratch.used.len() as u16;
+    let mut header = [0u8; VNET_HDR_LEN];
+    header.copy_from_slice(&frame[..VNET_HDR_LEN]);
+    header[10..12].copy_from_slice(&count.to_le_bytes());
+    let header_written = first
+        .and_then(|chain| chain.writer(mem).ok())
+        .is_some_and(|mut w| std::io::Write::write_all(&mut w, &header).is_ok());
+    if !header_written {
+        // Only a guest rewriting its descriptors under us gets here; it gets what it wrote.
+        invalid += 1;
+    }
+    for i in 0..scratch.bad.len() {
+        invalid += 1;
+        used_entry(queue, scratch.bad[i], 0, &mut invalid);
+    }
+    for i in 0..scratch.used.len() {
+        let (head, len) = scratch.used[i];
+        used_entry(queue, head, len, &mut invalid);
+    }
+    RxDelivery {
+        outcome: RxOutcome::Delivered(count),
+        invalid,
+    }
 }
 
 impl Net {
@@ -144,11 +262,13 @@ impl Net {
     /// the guest has no buffer left (then the tap is left unread until it posts more).
     pub(crate) fn process_rx(&mut self) {
         let guest_csum = self.acked(GUEST_CSUM);
+        let mergeable = self.acked(MRG_RXBUF);
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mem = active.mem.clone();
         let queue = &mut active.queues[RXQ];
+        let max_buffers = if mergeable { queue.size() } else { 1 };
         let mut used_any = false;
         loop {
             let len = match self.rx_pending {
@@ -185,44 +305,43 @@ impl Net {
                     }
                 },
             };
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
-                // Backpressure: keep the frame, leave the rest in the tap's queue.
-                self.metrics.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
-                self.tap.disarm();
-                break;
-            };
-            let head = chain.head_index();
-            let used = match write_rx_frame(&mem, chain, &self.rx_buf[..len]) {
-                Ok(Some(n)) => {
+            let delivery = deliver_rx_frame(
+                &mem,
+                queue,
+                &self.rx_buf[..len],
+                max_buffers,
+                &mut self.rx_scratch,
+            );
+            if delivery.invalid > 0 {
+                self.metrics
+                    .invalid_descriptors
+                    .fetch_add(u64::from(delivery.invalid), Ordering::Relaxed);
+                used_any = true;
+            }
+            match delivery.outcome {
+                RxOutcome::Delivered(buffers) => {
                     self.metrics.rx_packets.fetch_add(1, Ordering::Relaxed);
+                    if buffers > 1 {
+                        self.metrics.rx_merged.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.metrics
                         .rx_bytes
                         .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
                     self.rx_pending = None;
-                    n
+                    used_any = true;
                 }
-                Ok(None) => {
-                    // Too big for the buffer: drop the frame, keep the buffer for the next.
+                RxOutcome::NoBuffers => {
+                    // Backpressure: keep the frame, leave the rest in the tap's queue.
+                    self.metrics.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
+                    self.tap.disarm();
+                    break;
+                }
+                RxOutcome::TooBig => {
+                    // Too big for the buffers: drop the frame, keep them for the next.
                     self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
                     self.rx_pending = None;
-                    queue.go_to_previous_position();
-                    continue;
                 }
-                Err(e) => {
-                    // A bad buffer is returned empty; the frame waits for the next one.
-                    tracing::debug!("net: dropping receive chain: {e}");
-                    self.metrics
-                        .invalid_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
-                    0
-                }
-            };
-            if queue.add_used(&mem, head, used).is_err() {
-                self.metrics
-                    .invalid_descriptors
-                    .fetch_add(1, Ordering::Relaxed);
             }
-            used_any = true;
         }
         if used_any {
             self.signal_used();
@@ -230,12 +349,11 @@ impl Net {
     }
 }
 
-/// Makes the tap's vnet header right for the guest: `num_buffers` is 1 (no mergeable
-/// buffers; the tap leaves those two bytes untouched), and without `GUEST_CSUM` the flags
-/// must be zero (virtio 1.2 §5.1.6.4.1; the tap may set DATA_VALID).
+/// Makes the tap's vnet header right for the guest: without `GUEST_CSUM` the flags must be
+/// zero (virtio 1.2 §5.1.6.4.1; the tap may set DATA_VALID). `num_buffers`, which the tap
+/// leaves untouched, is set when the frame is delivered.
 fn fix_rx_header(hdr: &mut [u8], guest_csum: bool) {
     if !guest_csum {
         hdr[0] = 0;
     }
-    hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
 }

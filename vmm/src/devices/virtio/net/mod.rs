@@ -1,7 +1,8 @@
 //! virtio-net (device id 1) backed by a Linux tap device, as in Firecracker: one receive and
 //! one transmit queue, the 12-byte virtio 1.x header passed through to the tap
 //! (`IFF_VNET_HDR`), checksum and segmentation offloads handed to the tap with
-//! `TUNSETOFFLOAD` according to what the guest acked.
+//! `TUNSETOFFLOAD` according to what the guest acked, and mergeable receive buffers (a
+//! frame spread over as many of the guest's buffers as it needs).
 
 mod device;
 mod event_handler;
@@ -10,7 +11,9 @@ pub mod tap;
 
 pub use device::Net;
 // The frame paths over guest chains, public for the fuzz targets (`fuzz/`).
-pub use event_handler::{read_tx_frame, write_rx_frame, FrameError};
+pub use event_handler::{
+    deliver_rx_frame, read_tx_frame, FrameError, RxDelivery, RxOutcome, RxScratch,
+};
 pub use metrics::NetMetrics;
 pub use tap::{Tap, TapError};
 
@@ -33,8 +36,8 @@ pub const VNET_HDR_LEN: usize = 12;
 pub const MAX_FRAME_LEN: usize = 65535 + 18;
 /// Largest transmit chain (header + frame) we accept; longer ones are dropped and counted.
 pub const MAX_TX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
-/// Largest receive chain we accept (the guest's "big packets" buffers are about 68 KiB);
-/// nothing is allocated from it, it only rejects absurd chains.
+/// Largest receive chain we accept (a guest without mergeable buffers posts "big packets"
+/// buffers of about 68 KiB); nothing is allocated from it, it only rejects absurd chains.
 pub const MAX_RX_CHAIN_LEN: u64 = 1 << 20;
 
 /// Feature bits (virtio 1.2 §5.1.3).
@@ -59,6 +62,8 @@ pub mod features {
     pub const HOST_TSO6: u32 = 12;
     /// The device takes UFO frames.
     pub const HOST_UFO: u32 = 14;
+    /// The guest takes a frame spread over several receive buffers (`num_buffers`).
+    pub const MRG_RXBUF: u32 = 15;
     /// The config space's `status` is valid.
     pub const STATUS: u32 = 16;
 }

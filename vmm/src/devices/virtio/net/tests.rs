@@ -245,7 +245,7 @@ fn features_and_config_space() {
     let m = mem();
     let mut r = rig(&m, 1 << VIRTIO_F_VERSION_1, Some(1400));
     let f = r.transport.device().avail_features();
-    for bit in [VIRTIO_F_VERSION_1, MAC, STATUS, MTU] {
+    for bit in [VIRTIO_F_VERSION_1, MAC, STATUS, MTU, MRG_RXBUF] {
         assert_ne!(f & (1 << bit), 0, "feature {bit}");
     }
     assert_eq!(f & ALL_OFFLOADS, ALL_OFFLOADS);
@@ -574,10 +574,177 @@ fn no_rx_buffers_means_backpressure_not_buffering_or_spinning() {
     assert_eq!(r.count(|m| &m.rx_packets), 3);
 }
 
+const MERGEABLE: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << MRG_RXBUF);
+
+/// The `num_buffers` field of the header at the start of `addr`.
+fn num_buffers(r: &Rig<'_>, addr: u64) -> u16 {
+    let mut b = [0u8; 2];
+    r.mem.read_slice(&mut b, GuestAddress(addr + 10)).unwrap();
+    u16::from_le_bytes(b)
+}
+
+#[test]
+fn mergeable_frames_spread_over_buffers_and_say_how_many() {
+    let m = mem();
+    let mut r = rig(&m, MERGEABLE | ALL_OFFLOADS, None);
+    // Linux's mergeable buffers: one descriptor each; one here is split in two.
+    let offered: Vec<(u16, Vec<u64>, Vec<u32>)> =
+        [vec![1536], vec![1000, 536], vec![1536], vec![1536]]
+            .into_iter()
+            .map(|split| {
+                let (h, a) = r.offer_rx(&split);
+                (h, a, split)
+            })
+            .collect();
+    let mut big = frame(4000, 7);
+    big[0] = 1; // NEEDS_CSUM, kept with GUEST_CSUM
+    r.host.send(&big).unwrap();
+    r.transport.device_mut().process_backend();
+    let h = |i: usize| u32::from(offered[i].0);
+    assert_eq!(
+        r.take_used(RXQ),
+        vec![(h(0), 1536), (h(1), 1536), (h(2), 928)],
+        "three buffers, in order, contiguous"
+    );
+    assert!(r.interrupted());
+    assert_eq!(num_buffers(&r, offered[0].1[0]), 3);
+    let mut got = Vec::new();
+    for (i, len) in [1536, 1536, 928].into_iter().enumerate() {
+        got.extend(r.gather(&offered[i].1, &offered[i].2, len));
+    }
+    assert_eq!(got[..10], big[..10], "header kept but for num_buffers");
+    assert_eq!(got[12..], big[12..], "frame");
+    // A small frame takes one buffer and says so.
+    let small = frame(100, 8);
+    r.host.send(&small).unwrap();
+    r.transport.device_mut().process_backend();
+    assert_eq!(r.take_used(RXQ), vec![(h(3), 100)]);
+    assert_eq!(num_buffers(&r, offered[3].1[0]), 1);
+    assert_eq!(r.count(|m| &m.rx_packets), 2);
+    assert_eq!(
+        r.count(|m| &m.rx_bytes),
+        (4000 + 100 - 2 * VNET_HDR_LEN) as u64
+    );
+    assert_eq!(r.count(|m| &m.invalid_descriptors), 0);
+}
+
+#[test]
+fn a_64k_frame_takes_as_many_page_sized_buffers_as_it_needs() {
+    let m = mem();
+    let mut r = rig(&m, MERGEABLE | ALL_OFFLOADS, None);
+    let heads: Vec<(u16, Vec<u64>)> = (0..20).map(|_| r.offer_rx(&[4096])).collect();
+    let mut gso = frame(VNET_HDR_LEN + 65535 + 14, 9);
+    gso[0] = 1;
+    gso[1] = 1; // GSO TCPv4
+    r.host.send(&gso).unwrap();
+    r.transport.device_mut().process_backend();
+    let used = r.take_used(RXQ);
+    let want = gso.len().div_ceil(4096);
+    assert_eq!(used.len(), want);
+    assert_eq!(num_buffers(&r, heads[0].1[0]) as usize, want);
+    let mut got = Vec::new();
+    for (i, (head, len)) in used.iter().enumerate() {
+        assert_eq!(*head, u32::from(heads[i].0));
+        got.extend(r.gather(&heads[i].1, &[4096], *len as usize));
+    }
+    assert_eq!(got.len(), gso.len());
+    assert_eq!(got[..2], [1, 1], "flags and gso_type kept");
+    assert_eq!(got[12..], gso[12..]);
+}
+
+#[test]
+fn a_mergeable_frame_waits_until_the_guest_has_room_for_all_of_it() {
+    let m = mem();
+    let mut r = rig(&m, MERGEABLE, None);
+    let (h0, a0) = r.offer_rx(&[1536]);
+    let f = frame(3000, 3);
+    r.host.send(&f).unwrap();
+    r.transport.device_mut().process_backend();
+    assert!(
+        r.take_used(RXQ).is_empty(),
+        "half a frame is never published"
+    );
+    assert_eq!(r.count(|m| &m.rx_no_buffers), 1);
+    assert!(!backend_ready(&r.transport), "backpressure, no spinning");
+    let (h1, a1) = r.offer_rx(&[1536]);
+    r.transport.device_mut().process_queue(RXQ);
+    assert_eq!(
+        r.take_used(RXQ),
+        vec![(u32::from(h0), 1536), (u32::from(h1), 1464)],
+        "the first buffer was offered again, not lost"
+    );
+    assert_eq!(num_buffers(&r, a0[0]), 2);
+    let mut got = r.gather(&a0, &[1536], 1536);
+    got.extend(r.gather(&a1, &[1536], 1464));
+    assert_eq!(got[12..], f[12..]);
+}
+
+#[test]
+fn malformed_chains_around_a_mergeable_frame_are_returned_empty_before_it() {
+    let m = mem();
+    let mut r = rig(&m, MERGEABLE, None);
+    // Leading: read-only, and shorter than a header; then good, read-only, good.
+    let lead_ro = r.add(RXQ, &[D::Buf(1536, false)], None).0;
+    let lead_short = r.offer_rx(&[8]).0;
+    let (g0, a0) = r.offer_rx(&[1536]);
+    let mid_bad = r
+        .add(
+            RXQ,
+            &[D::Raw {
+                addr: MEM_SIZE - 10,
+                len: 1536,
+                write: true,
+            }],
+            None,
+        )
+        .0;
+    let (g1, a1) = r.offer_rx(&[1536]);
+    let f = frame(2000, 5);
+    r.host.send(&f).unwrap();
+    r.transport.device_mut().process_backend();
+    assert_eq!(
+        r.take_used(RXQ),
+        vec![
+            (u32::from(lead_ro), 0),
+            (u32::from(lead_short), 0),
+            (u32::from(mid_bad), 0),
+            (u32::from(g0), 1536),
+            (u32::from(g1), 464),
+        ]
+    );
+    assert_eq!(r.count(|m| &m.invalid_descriptors), 3);
+    assert_eq!(num_buffers(&r, a0[0]), 2);
+    let mut got = r.gather(&a0, &[1536], 1536);
+    got.extend(r.gather(&a1, &[1536], 464));
+    assert_eq!(got[12..], f[12..]);
+}
+
+#[test]
+fn a_frame_needing_more_buffers_than_the_queue_holds_is_dropped_and_the_buffers_kept() {
+    let m = mem();
+    let mut r = rig(&m, MERGEABLE, None);
+    // A full ring of header-sized buffers: 256 * 12 bytes cannot hold a 4000-byte frame.
+    let offered: Vec<(u16, Vec<u64>)> = (0..QSIZE).map(|_| r.offer_rx(&[12])).collect();
+    r.host.send(&frame(4000, 1)).unwrap();
+    let small = frame(30, 2);
+    r.host.send(&small).unwrap();
+    r.transport.device_mut().process_backend();
+    assert_eq!(r.count(|m| &m.rx_dropped), 1);
+    // The next frame starts at the first buffer again: 30 bytes in 12 + 12 + 6.
+    let h = |i: usize| u32::from(offered[i].0);
+    assert_eq!(r.take_used(RXQ), vec![(h(0), 12), (h(1), 12), (h(2), 6)]);
+    assert_eq!(num_buffers(&r, offered[0].1[0]), 3);
+    let mut got = Vec::new();
+    for (i, len) in [12, 12, 6].into_iter().enumerate() {
+        got.extend(r.gather(&offered[i].1, &[12], len));
+    }
+    assert_eq!(got[12..], small[12..]);
+}
+
 #[test]
 fn every_counter_moves() {
     let m = mem();
-    let mut r = rig(&m, 1 << VIRTIO_F_VERSION_1, None);
+    let mut r = rig(&m, MERGEABLE, None);
     // tx_packets, tx_bytes, queue_events, then tx_dropped + tap_errors.
     r.transmit(&frame(60, 1), &[60]);
     r.fail_writes.store(true, Ordering::SeqCst);
@@ -589,21 +756,24 @@ fn every_counter_moves() {
     r.offer_rx(&[12, 200]);
     r.host.send(&frame(100, 3)).unwrap();
     r.transport.device_mut().process_backend();
-    // rx_dropped (too big), rx_no_buffers.
-    r.host.send(&frame(1000, 4)).unwrap();
+    // rx_dropped (a runt), rx_no_buffers.
+    r.host.send(&frame(20, 4)).unwrap();
     r.host.send(&frame(100, 5)).unwrap();
-    r.offer_rx(&[12, 200]);
     r.transport.device_mut().process_backend();
-    r.host.send(&frame(100, 6)).unwrap();
-    r.transport.device_mut().process_backend();
+    // rx_merged: the waiting frame over two buffers.
+    r.offer_rx(&[60]);
+    r.offer_rx(&[60]);
+    r.transport.device_mut().process_queue(RXQ);
+    assert_eq!(r.count(|m| &m.rx_merged), 1);
     // interrupt_errors: a saturated eventfd refuses the next write.
     let _ = r.irq.evt().read();
     r.irq.evt().write(u64::MAX - 1).unwrap();
     r.offer_rx(&[1526]);
-    r.transport.device_mut().process_queue(RXQ);
+    r.host.send(&frame(100, 6)).unwrap();
+    r.transport.device_mut().process_backend();
     let json = r.transport.device().metrics_json();
     let obj = json.as_object().unwrap();
-    assert_eq!(obj.len(), 12, "{json}");
+    assert_eq!(obj.len(), 13, "{json}");
     for (k, v) in obj {
         assert!(v.as_u64().unwrap() > 0, "counter {k} never moved: {json}");
     }
