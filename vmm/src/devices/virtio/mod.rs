@@ -152,6 +152,21 @@ impl Active {
     }
 }
 
+impl Active {
+    /// Raises the used-buffer interrupt for entries just added to queue `index`, unless its
+    /// driver asked for none now ([`queue::driver_wants_interrupt`]). `Ok(false)`: not
+    /// raised; an error: the interrupt could not be signalled.
+    pub fn signal_used(&self, index: usize) -> std::io::Result<bool> {
+        match self.queues.get(index) {
+            Some(queue) if !queue::driver_wants_interrupt(queue, &self.mem) => Ok(false),
+            _ => self
+                .interrupt
+                .trigger(InterruptKind::UsedBuffer)
+                .map(|()| true),
+        }
+    }
+}
+
 /// Refuses an activation with a number of queues other than the device's.
 pub fn check_queue_count(got: usize, expected: usize) -> Result<(), ActivateError> {
     if got == expected {

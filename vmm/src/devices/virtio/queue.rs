@@ -2,9 +2,10 @@
 //! walked once and rejected unless it is well formed for the direction the device expects.
 
 use std::ops::Deref;
+use std::sync::atomic::{fence, Ordering};
 
-use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemory, GuestMemoryBackend};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Which way the data flows, seen from the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,26 @@ where
         return Err(ChainError::Unterminated);
     }
     Ok(total)
+}
+
+/// `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's flags (virtio 1.2 §2.7.7).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver of `queue` wants a used-buffer interrupt now. Without
+/// `VIRTIO_F_EVENT_IDX` (which we do not offer) its only say is `VRING_AVAIL_F_NO_INTERRUPT`,
+/// which Linux's drivers set while they poll the used ring anyway (NAPI, the block and vsock
+/// completion loops); each looks at the used ring once more after clearing it, so an entry
+/// added meanwhile is not missed. A ring we cannot read gets its interrupt.
+pub fn driver_wants_interrupt(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    if queue.event_idx_enabled() {
+        return true;
+    }
+    // The used index we just published must be visible before we read the flag: the driver
+    // does the reverse (writes the flag, then reads the used index).
+    fence(Ordering::SeqCst);
+    mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Relaxed)
+        .map(|flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+        .unwrap_or(true)
 }
 
 /// Walks a request chain of device-readable descriptors followed by device-writable ones

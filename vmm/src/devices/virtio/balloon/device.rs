@@ -12,8 +12,7 @@ use super::{
     NUM_QUEUES, QUEUE_SIZES, REPORTING_QUEUE, VIRTIO_BALLOON_F_REPORTING, VIRTIO_ID_BALLOON,
 };
 use crate::devices::virtio::{
-    read_config_space, ActivateError, Active, InterruptKind, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    read_config_space, ActivateError, Active, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// A balloon that only takes free page reports.
@@ -62,7 +61,7 @@ impl Balloon {
             }
             used_any = true;
         }
-        if used_any && active.interrupt.trigger(InterruptKind::UsedBuffer).is_err() {
+        if used_any && active.signal_used(index).is_err() {
             m.interrupt_errors.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -6,7 +6,6 @@ use virtio_queue::QueueT;
 
 use super::device::Block;
 use super::request;
-use crate::devices::virtio::InterruptKind;
 
 impl Block {
     pub(super) fn handle_queue_event(&mut self, index: usize) {
@@ -30,7 +29,7 @@ impl Block {
             }
             used_any = true;
         }
-        if used_any && active.interrupt.trigger(InterruptKind::UsedBuffer).is_err() {
+        if used_any && active.signal_used(0).is_err() {
             self.metrics
                 .interrupt_errors
                 .fetch_add(1, Ordering::Relaxed);

@@ -68,6 +68,9 @@ pub struct Net {
     pub(super) rx_pending: Option<usize>,
     /// The receive path's per-frame lists, kept to avoid allocating per frame.
     pub(super) rx_scratch: RxScratch,
+    /// Whether the driver notifies us of new receive buffers (`VRING_USED_F_NO_NOTIFY`
+    /// clear in the receive queue's used ring, as it is when the driver sets it up).
+    pub(super) rx_kicks: bool,
     /// A transmit chain gathered before it goes to the tap in one write.
     pub(super) tx_buf: Vec<u8>,
     pub(super) metrics: Arc<NetMetrics>,
@@ -102,6 +105,7 @@ impl Net {
             rx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             rx_pending: None,
             rx_scratch: RxScratch::default(),
+            rx_kicks: true,
             tx_buf: vec![0; MAX_TX_CHAIN_LEN],
             metrics: Arc::default(),
         })
@@ -214,6 +218,7 @@ impl VirtioDevice for Net {
             .arm()
             .map_err(|e| ActivateError::Backend(format!("cannot watch the tap: {e}")))?;
         self.active = Some(active);
+        self.rx_kicks = true;
         // Frames may have arrived before the driver came up.
         self.process_rx();
         Ok(())

@@ -12,7 +12,6 @@ use super::device::Net;
 use super::features::{GUEST_CSUM, MRG_RXBUF};
 use super::{MAX_RX_CHAIN_LEN, MAX_TX_CHAIN_LEN, RXQ, TXQ, VNET_HDR_LEN};
 use crate::devices::virtio::queue::{validate_chain, ChainError, Direction};
-use crate::devices::virtio::InterruptKind;
 
 /// An Ethernet header: the least a frame must carry after its vnet header.
 const ETH_HLEN: usize = 14;
@@ -205,14 +204,17 @@ impl Net {
         self.process_rx();
     }
 
-    fn signal_used(&self) {
-        if let Some(active) = &self.active {
-            if active.interrupt.trigger(InterruptKind::UsedBuffer).is_err() {
-                self.metrics
-                    .interrupt_errors
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
+    /// Interrupts the guest for queue `index`'s new used entries, if its driver wants that.
+    fn signal_used(&self, index: usize) {
+        let Some(active) = &self.active else {
+            return;
+        };
+        let counter = match active.signal_used(index) {
+            Ok(true) => return,
+            Ok(false) => &self.metrics.interrupts_suppressed,
+            Err(_) => &self.metrics.interrupt_errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sends every transmit chain to the tap, one write per frame.
@@ -254,7 +256,7 @@ impl Net {
             used_any = true;
         }
         if used_any {
-            self.signal_used();
+            self.signal_used(TXQ);
         }
     }
 
@@ -270,6 +272,7 @@ impl Net {
         let queue = &mut active.queues[RXQ];
         let max_buffers = if mergeable { queue.size() } else { 1 };
         let mut used_any = false;
+        let mut want_kicks = true;
         loop {
             let len = match self.rx_pending {
                 Some(len) => len,
@@ -293,6 +296,9 @@ impl Net {
                         if self.tap.arm().is_err() {
                             self.metrics.tap_errors.fetch_add(1, Ordering::Relaxed);
                         }
+                        // Drained, with buffers to spare or not: the next frame will
+                        // find out, so the driver need not tell us about new buffers.
+                        want_kicks = false;
                         break;
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -331,6 +337,14 @@ impl Net {
                     used_any = true;
                 }
                 RxOutcome::NoBuffers => {
+                    if !self.rx_kicks {
+                        // Ask the driver to notify us of new buffers, then look once
+                        // more: buffers it added before it saw the request came without
+                        // a notification.
+                        let _ = queue.enable_notification(&mem);
+                        self.rx_kicks = true;
+                        continue;
+                    }
                     // Backpressure: keep the frame, leave the rest in the tap's queue.
                     self.metrics.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
                     self.tap.disarm();
@@ -343,8 +357,21 @@ impl Net {
                 }
             }
         }
+        // Notifications of new receive buffers are only needed while a frame waits for them
+        // (or the tap is not watched and only a notification can bring us back). Each one
+        // is an exit to this process, and Linux's driver sends one per refill otherwise.
+        if want_kicks != self.rx_kicks {
+            let set = if want_kicks {
+                queue.enable_notification(&mem).map(|_| ())
+            } else {
+                queue.disable_notification(&mem)
+            };
+            if set.is_ok() {
+                self.rx_kicks = want_kicks;
+            }
+        }
         if used_any {
-            self.signal_used();
+            self.signal_used(RXQ);
         }
     }
 }

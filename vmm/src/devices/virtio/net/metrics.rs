@@ -37,4 +37,7 @@ pub struct NetMetrics {
     pub backend_events: AtomicU64,
     /// Failures to signal the guest.
     pub interrupt_errors: AtomicU64,
+    /// Used-buffer interrupts not raised because the driver had asked for none
+    /// (`VRING_AVAIL_F_NO_INTERRUPT`, set while it polls).
+    pub interrupts_suppressed: AtomicU64,
 }

@@ -225,6 +225,18 @@ impl Rig<'_> {
         raised
     }
 
+    /// Sets the flags of queue `q`'s available ring (bit 0: `VRING_AVAIL_F_NO_INTERRUPT`).
+    fn set_avail_flags(&self, q: usize, flags: u16) {
+        self.mem
+            .write_obj(flags, self.queues[q].avail_addr())
+            .unwrap();
+    }
+
+    /// The flags of queue `q`'s used ring (bit 0: `VRING_USED_F_NO_NOTIFY`).
+    fn used_flags(&self, q: usize) -> u16 {
+        self.mem.read_obj(self.queues[q].used_addr()).unwrap()
+    }
+
     fn count(&self, f: impl Fn(&NetMetrics) -> &std::sync::atomic::AtomicU64) -> u64 {
         f(&self.metrics).load(Ordering::Relaxed)
     }
@@ -742,6 +754,74 @@ fn a_frame_needing_more_buffers_than_the_queue_holds_is_dropped_and_the_buffers_
 }
 
 #[test]
+fn no_interrupt_while_the_driver_polls_the_used_ring() {
+    let m = mem();
+    let mut r = rig(&m, MERGEABLE, None);
+    // Linux sets VRING_AVAIL_F_NO_INTERRUPT while NAPI polls.
+    r.set_avail_flags(RXQ, 1);
+    let (h0, _) = r.offer_rx(&[1536]);
+    r.host.send(&frame(100, 1)).unwrap();
+    r.transport.device_mut().process_backend();
+    assert_eq!(
+        r.take_used(RXQ),
+        vec![(u32::from(h0), 100)],
+        "used all the same"
+    );
+    assert!(!r.interrupted(), "no interrupt while the driver polls");
+    assert_eq!(r.count(|m| &m.interrupts_suppressed), 1);
+    // Interrupts back on: the next frame raises one.
+    r.set_avail_flags(RXQ, 0);
+    let (h1, _) = r.offer_rx(&[1536]);
+    r.host.send(&frame(100, 2)).unwrap();
+    r.transport.device_mut().process_backend();
+    assert_eq!(r.take_used(RXQ), vec![(u32::from(h1), 100)]);
+    assert!(r.interrupted());
+    // The same on the transmit queue.
+    r.set_avail_flags(TXQ, 1);
+    r.transmit(&frame(60, 3), &[60]);
+    assert!(!r.interrupted());
+    assert_eq!(r.count(|m| &m.interrupts_suppressed), 2);
+    r.set_avail_flags(TXQ, 0);
+    r.transmit(&frame(60, 4), &[60]);
+    assert!(r.interrupted());
+}
+
+#[test]
+fn receive_buffer_notifications_are_asked_for_only_while_a_frame_waits() {
+    let m = mem();
+    let mut r = rig(&m, MERGEABLE, None);
+    let no_notify = |r: &Rig<'_>| r.used_flags(RXQ) & 1 == 1;
+    assert!(
+        no_notify(&r),
+        "the tap was empty at activation: no notifications"
+    );
+    r.offer_rx(&[1536]);
+    r.host.send(&frame(100, 1)).unwrap();
+    r.transport.device_mut().process_backend();
+    assert!(
+        no_notify(&r),
+        "tap drained: the driver need not notify new buffers"
+    );
+    // A frame with no buffer left: notifications back on, the frame waits.
+    r.host.send(&frame(100, 2)).unwrap();
+    r.transport.device_mut().process_backend();
+    assert!(!no_notify(&r), "a frame waits for a buffer");
+    assert_eq!(
+        r.count(|m| &m.rx_no_buffers),
+        1,
+        "counted once, after a second look"
+    );
+    assert!(
+        !backend_ready(&r.transport),
+        "the tap is not watched meanwhile"
+    );
+    let (h, _) = r.offer_rx(&[1536]);
+    r.transport.device_mut().process_queue(RXQ);
+    assert_eq!(r.take_used(RXQ).last(), Some(&(u32::from(h), 100)));
+    assert!(no_notify(&r), "delivered and drained: off again");
+}
+
+#[test]
 fn every_counter_moves() {
     let m = mem();
     let mut r = rig(&m, MERGEABLE, None);
@@ -765,6 +845,12 @@ fn every_counter_moves() {
     r.offer_rx(&[60]);
     r.transport.device_mut().process_queue(RXQ);
     assert_eq!(r.count(|m| &m.rx_merged), 1);
+    // interrupts_suppressed: the driver polls.
+    r.set_avail_flags(RXQ, 1);
+    r.offer_rx(&[1526]);
+    r.host.send(&frame(100, 8)).unwrap();
+    r.transport.device_mut().process_backend();
+    r.set_avail_flags(RXQ, 0);
     // interrupt_errors: a saturated eventfd refuses the next write.
     let _ = r.irq.evt().read();
     r.irq.evt().write(u64::MAX - 1).unwrap();
@@ -773,7 +859,7 @@ fn every_counter_moves() {
     r.transport.device_mut().process_backend();
     let json = r.transport.device().metrics_json();
     let obj = json.as_object().unwrap();
-    assert_eq!(obj.len(), 13, "{json}");
+    assert_eq!(obj.len(), 14, "{json}");
     for (k, v) in obj {
         assert!(v.as_u64().unwrap() > 0, "counter {k} never moved: {json}");
     }

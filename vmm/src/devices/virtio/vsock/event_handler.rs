@@ -8,7 +8,6 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use super::device::Vsock;
 use super::packet::{read_tx_packet, rx_payload_capacity, write_rx_packet};
 use super::{EVQ, RXQ, TXQ};
-use crate::devices::virtio::InterruptKind;
 
 impl Vsock {
     pub(super) fn handle_queue_event(&mut self, index: usize) {
@@ -32,9 +31,10 @@ impl Vsock {
         self.process_rx();
     }
 
-    fn signal_used(&self) {
+    /// Interrupts the guest for queue `index`'s new used entries, if its driver wants that.
+    fn signal_used(&self, index: usize) {
         if let Some(active) = &self.active {
-            if active.interrupt.trigger(InterruptKind::UsedBuffer).is_err() {
+            if active.signal_used(index).is_err() {
                 self.metrics
                     .interrupt_errors
                     .fetch_add(1, Ordering::Relaxed);
@@ -79,7 +79,7 @@ impl Vsock {
             self.muxer.send_to_host(pkt);
         }
         if used_any {
-            self.signal_used();
+            self.signal_used(TXQ);
         }
     }
 
@@ -135,7 +135,7 @@ impl Vsock {
             used_any = true;
         }
         if used_any {
-            self.signal_used();
+            self.signal_used(RXQ);
         }
     }
 }
