@@ -9,11 +9,11 @@ use carapace_e2e::daemon::{processes_mentioning, Daemon};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerStatusRequest, CreateContainerRequest,
-    ExecSyncRequest, ImageSpec, ListContainersRequest, ListPodSandboxRequest, PodSandboxConfig,
-    PodSandboxFilter, PodSandboxMetadata, PodSandboxState, PodSandboxStateValue,
+    ExecSyncRequest, ImageSpec, ListContainersRequest, ListPodSandboxRequest, NetworkConfig,
+    PodSandboxConfig, PodSandboxFilter, PodSandboxMetadata, PodSandboxState, PodSandboxStateValue,
     PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StatusRequest, StopContainerRequest, StopPodSandboxRequest,
-    VersionRequest,
+    RuntimeConfig, StartContainerRequest, StatusRequest, StopContainerRequest,
+    StopPodSandboxRequest, UpdateRuntimeConfigRequest, VersionRequest,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -136,9 +136,33 @@ async fn pod_lifecycle_restart_and_cleanup() {
     };
     assert_eq!(list_ids(&mut cri, Some(by_prefix)).await, vec![a.clone()]);
 
+    // kubelet's pod CIDR: kept, shown in the verbose Status; bad ones change nothing.
+    let update = |cidr: Option<&str>| UpdateRuntimeConfigRequest {
+        runtime_config: cidr.map(|c| RuntimeConfig {
+            network_config: Some(NetworkConfig {
+                pod_cidr: c.to_string(),
+            }),
+        }),
+    };
+    cri.update_runtime_config(update(Some("10.88.0.0/16,fd00:88::/64")))
+        .await
+        .expect("UpdateRuntimeConfig");
+    for bad in [update(Some("10.88.0.0/99")), update(None)] {
+        assert_eq!(
+            code(cri.update_runtime_config(bad).await),
+            Code::InvalidArgument
+        );
+    }
+    assert_eq!(pod_cidr(&mut cri).await, "10.88.0.0/16,fd00:88::/64");
+
     // A daemon restart: both pods are still there and ready, their VMs ran on.
     daemon.restart().await;
     let mut cri = daemon.runtime().await;
+    assert_eq!(
+        pod_cidr(&mut cri).await,
+        "10.88.0.0/16,fd00:88::/64",
+        "the pod CIDR outlives a restart (kubelet does not send it again)"
+    );
     let mut ids = list_ids(&mut cri, None).await;
     ids.sort();
     let mut expected = vec![a.clone(), b.clone()];
@@ -191,6 +215,18 @@ async fn pod_lifecycle_restart_and_cleanup() {
         .map(|e| e.path())
         .collect();
     assert!(records.is_empty(), "left in state dir: {records:?}");
+}
+
+/// The pod CIDR the verbose Status shows (a JSON object under "carapace", as crictl wants).
+async fn pod_cidr(cri: &mut RuntimeServiceClient<Channel>) -> String {
+    let status = cri
+        .status(StatusRequest { verbose: true })
+        .await
+        .expect("Status")
+        .into_inner();
+    let ours: serde_json::Value =
+        serde_json::from_str(&status.info["carapace"]).expect("info.carapace is JSON");
+    ours["podCIDR"].as_str().expect("podCIDR").to_string()
 }
 
 fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {

@@ -207,7 +207,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             config.streaming.address
         )
     })?;
-    let service = CriService::new(sandboxes, containers).with_streaming(streaming);
+    let runtime_config = carapace::cri::runtime_config::NodeRuntimeConfig::load(&config.state_dir)
+        .context("loading the runtime configuration record")?;
+    let service =
+        CriService::new(sandboxes, containers, Arc::new(runtime_config)).with_streaming(streaming);
     let handle = service.clone();
     let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {

@@ -5,6 +5,7 @@
 mod container;
 mod events;
 pub mod image_service;
+pub mod runtime_config;
 mod runtime_service;
 mod sandbox_list;
 mod sandbox_run;
@@ -136,16 +137,23 @@ pub struct CriService {
     /// Set when the daemon shuts down: endless streams (events) end, so
     /// that the server's graceful shutdown does not wait for them.
     shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+    /// What kubelet told us with UpdateRuntimeConfig.
+    pub runtime_config: Arc<runtime_config::NodeRuntimeConfig>,
 }
 
 impl CriService {
-    pub fn new(sandboxes: Arc<Sandboxes>, containers: Arc<crate::container::Containers>) -> Self {
+    pub fn new(
+        sandboxes: Arc<Sandboxes>,
+        containers: Arc<crate::container::Containers>,
+        runtime_config: Arc<runtime_config::NodeRuntimeConfig>,
+    ) -> Self {
         Self {
             sandboxes,
             containers,
             cpu_samples: Default::default(),
             streaming: None,
             shutdown: Arc::new(tokio::sync::watch::channel(false).0),
+            runtime_config,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The RuntimeService trait: each call delegates to its own module through
-//! the [`rpc`] wrapper. Calls not implemented yet (checkpoints,
-//! metrics, runtime config updates) answer `Unimplemented`
-//! with the call's name.
+//! the [`rpc`] wrapper. Calls not implemented yet (checkpoints, the
+//! Prometheus-style metrics calls) answer `Unimplemented` with the call's
+//! name.
 
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use k8s_cri::v1::{
@@ -272,10 +272,11 @@ impl RuntimeService for CriService {
 
     async fn update_runtime_config(
         &self,
-        _request: Request<UpdateRuntimeConfigRequest>,
+        request: Request<UpdateRuntimeConfigRequest>,
     ) -> Result<Response<UpdateRuntimeConfigResponse>, Status> {
+        let request = request.into_inner();
         rpc("UpdateRuntimeConfig", async {
-            Err(CriError::Unimplemented("UpdateRuntimeConfig"))
+            self.update_runtime_config(request)
         })
         .await
     }

@@ -1,9 +1,12 @@
-//! Version, Status, RuntimeConfig.
+//! Version, Status, RuntimeConfig, UpdateRuntimeConfig.
 
 use k8s_cri::v1::{
     CgroupDriver, LinuxRuntimeConfiguration, RuntimeCondition, RuntimeConfigResponse,
-    RuntimeStatus, StatusResponse, VersionResponse,
+    RuntimeStatus, StatusResponse, UpdateRuntimeConfigRequest, UpdateRuntimeConfigResponse,
+    VersionResponse,
 };
+
+use super::runtime_config::UpdateError;
 
 use super::{CriError, CriService, CRI_API_VERSION};
 
@@ -48,7 +51,13 @@ impl CriService {
         };
         let mut info = std::collections::HashMap::new();
         if verbose {
-            info.insert("vmDriver".into(), self.sandboxes.driver().describe());
+            // crictl shows a value only if it is a JSON object (newer versions print null
+            // for anything else).
+            let ours = serde_json::json!({
+                "vmDriver": self.sandboxes.driver().describe(),
+                "podCIDR": self.runtime_config.pod_cidr(),
+            });
+            info.insert("carapace".into(), ours.to_string());
         }
         Ok(StatusResponse {
             status: Some(RuntimeStatus {
@@ -58,6 +67,24 @@ impl CriService {
             runtime_handlers: Vec::new(),
             features: None,
         })
+    }
+
+    /// Keeps the node's pod CIDRs (the only field of the runtime configuration).
+    pub(super) fn update_runtime_config(
+        &self,
+        request: UpdateRuntimeConfigRequest,
+    ) -> Result<UpdateRuntimeConfigResponse, CriError> {
+        let network = request
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .ok_or_else(|| {
+                CriError::InvalidArgument("runtime_config.network_config is required".into())
+            })?;
+        match self.runtime_config.set_pod_cidr(&network.pod_cidr) {
+            Ok(()) => Ok(UpdateRuntimeConfigResponse {}),
+            Err(e @ UpdateError::Invalid(..)) => Err(CriError::InvalidArgument(e.to_string())),
+            Err(e @ UpdateError::State(_)) => Err(CriError::Internal(e.to_string())),
+        }
     }
 
     pub(super) fn runtime_config(&self) -> Result<RuntimeConfigResponse, CriError> {
