@@ -143,6 +143,20 @@ impl RecordDir {
         }
         (records, skipped)
     }
+
+    /// [`load_all`](Self::load_all), logging each record it skips as an unreadable
+    /// `what` record (what is unreadable is reported, never fatal).
+    pub fn load_all_logged<T: DeserializeOwned>(&self, what: &str) -> Vec<T> {
+        let (records, skipped) = self.load_all();
+        for s in skipped {
+            tracing::error!(
+                "skipping unreadable {what} record {}: {}",
+                s.path.display(),
+                s.reason
+            );
+        }
+        records
+    }
 }
 
 #[cfg(test)]

@@ -170,14 +170,7 @@ impl Containers {
         store: Arc<ImageStore>,
     ) -> Result<Arc<Self>, ContainerError> {
         let records = RecordDir::open(&config.state_dir, "containers")?;
-        let (loaded, skipped) = records.load_all::<ContainerRecord>();
-        for s in skipped {
-            tracing::error!(
-                "skipping unreadable container record {}: {}",
-                s.path.display(),
-                s.reason
-            );
-        }
+        let loaded = records.load_all_logged::<ContainerRecord>("container");
         let (events, _) = broadcast::channel(1024);
         let this = Arc::new(Self {
             config,

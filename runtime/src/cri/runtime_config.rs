@@ -38,14 +38,7 @@ impl NodeRuntimeConfig {
     /// unreadable record is logged and ignored (kubelet's next change sets it again).
     pub fn load(state_dir: &Path) -> Result<Self, StateError> {
         let records = RecordDir::open(state_dir, KIND)?;
-        let (loaded, skipped) = records.load_all::<RuntimeConfigRecord>();
-        for s in skipped {
-            tracing::error!(
-                "ignoring unreadable runtime configuration record {}: {}",
-                s.path.display(),
-                s.reason
-            );
-        }
+        let loaded = records.load_all_logged::<RuntimeConfigRecord>("runtime configuration");
         let current = loaded.into_iter().next().unwrap_or_default();
         Ok(Self {
             records,

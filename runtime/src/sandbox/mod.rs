@@ -103,14 +103,7 @@ impl Sandboxes {
     /// are logged and skipped.
     pub fn load(config: Config, driver: VmDriver) -> Result<Self, SandboxError> {
         let records = RecordDir::open(&config.state_dir, "sandboxes")?;
-        let (loaded, skipped) = records.load_all::<SandboxRecord>();
-        for s in skipped {
-            tracing::error!(
-                "skipping unreadable sandbox record {}: {}",
-                s.path.display(),
-                s.reason
-            );
-        }
+        let loaded = records.load_all_logged::<SandboxRecord>("sandbox");
         let mut all = HashMap::new();
         let mut names = HashMap::new();
         for mut record in loaded {
