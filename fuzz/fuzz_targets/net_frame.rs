@@ -1,25 +1,36 @@
-//! Every chain the guest offers, as a virtio-net transmit chain (gathered into the device's
-//! 64 KiB buffer), and the whole receive queue as the guest left it, receiving frames with and
+//! Every chain the guest offers, as a virtio-net transmit chain (resolved into the buffers
+//! one `writev` hands the tap), and the whole receive queue as the guest left it, receiving frames with and
 //! without mergeable buffers: the device uses a chain or refuses it, publishes a frame whole
 //! or not at all, and never panics or reports more than the buffer or the chain holds.
 #![no_main]
 
 mod common;
 
-use carapace_vmm::devices::virtio::net::{deliver_rx_frame, read_tx_frame, RxOutcome, RxScratch};
+use carapace_vmm::devices::virtio::net::{
+    deliver_rx_frame, tx_iovecs, RxOutcome, RxScratch, TxIovecs, MAX_TX_CHAIN_LEN,
+};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Where `common` puts the used ring: flags, idx, then (id, len) entries (the device writes
 /// them; the input may have filled that memory before).
 const USED_RING: u64 = 0xf000;
 
 fuzz_target!(|data: &[u8]| {
-    let mut buf = vec![0u8; 64 << 10];
+    let mut iovs = TxIovecs::default();
     common::for_each_chain(data, |mem, chain| {
-        if let Ok(n) = read_tx_frame(mem, chain, &mut buf) {
-            assert!((26..=buf.len()).contains(&n));
+        if let Ok(n) = tx_iovecs(mem, &chain, &mut iovs) {
+            assert!((26..=MAX_TX_CHAIN_LEN).contains(&n));
+            // Every buffer handed to writev lies inside guest RAM, and they add up to n.
+            let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+            let mut total = 0;
+            for iov in iovs.as_slice() {
+                let start = iov.iov_base as usize;
+                assert!(start >= base && start + iov.iov_len <= base + common::MEM_SIZE);
+                total += iov.iov_len;
+            }
+            assert_eq!(total, n);
         }
     });
 

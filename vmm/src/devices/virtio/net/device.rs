@@ -8,13 +8,13 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::event_handler::RxScratch;
+use super::event_handler::{RxScratch, TxIovecs};
 use super::features::*;
 use super::metrics::NetMetrics;
 use super::tap::{NetBackend, Tap};
 use super::{
-    NetError, MAX_FRAME_LEN, MAX_TX_CHAIN_LEN, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_NET,
-    VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
+    NetError, MAX_FRAME_LEN, NUM_QUEUES, QUEUE_SIZE, VIRTIO_ID_NET, VIRTIO_NET_S_LINK_UP,
+    VNET_HDR_LEN,
 };
 use crate::devices::virtio::{
     read_config_space, ActivateError, Active, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -71,8 +71,8 @@ pub struct Net {
     /// Whether the driver notifies us of new receive buffers (`VRING_USED_F_NO_NOTIFY`
     /// clear in the receive queue's used ring, as it is when the driver sets it up).
     pub(super) rx_kicks: bool,
-    /// A transmit chain gathered before it goes to the tap in one write.
-    pub(super) tx_buf: Vec<u8>,
+    /// The buffers of the transmit chain being written to the tap.
+    pub(super) tx_iovs: TxIovecs,
     pub(super) metrics: Arc<NetMetrics>,
 }
 
@@ -106,7 +106,7 @@ impl Net {
             rx_pending: None,
             rx_scratch: RxScratch::default(),
             rx_kicks: true,
-            tx_buf: vec![0; MAX_TX_CHAIN_LEN],
+            tx_iovs: TxIovecs::default(),
             metrics: Arc::default(),
         })
     }

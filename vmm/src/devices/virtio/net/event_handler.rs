@@ -5,7 +5,7 @@ use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EpollEvent;
 
 use super::device::Net;
@@ -32,22 +32,56 @@ pub enum FrameError {
     Memory,
 }
 
-/// Gathers a transmit chain (vnet header + frame, any split) into `buf`; returns its length.
-pub fn read_tx_frame(
-    mem: &GuestMemoryMmap,
-    chain: Chain<'_>,
-    buf: &mut [u8],
-) -> Result<usize, FrameError> {
-    let max = buf.len().min(MAX_TX_CHAIN_LEN) as u64;
-    let total = validate_chain(&chain, Direction::DeviceReads, max)?;
-    if total < (VNET_HDR_LEN + ETH_HLEN) as u64 {
-        return Err(FrameError::TooShort(total));
+/// The host addresses and lengths of a transmit chain's buffers, for one `writev` to the
+/// tap: the frame goes from guest memory to the kernel without a copy of ours. Kept in the
+/// device so that the transmit path does not allocate.
+#[derive(Debug, Default)]
+pub struct TxIovecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are only handed to the kernel (`writev`), never dereferenced by us;
+// they are filled and used on one thread, between two calls on the event loop.
+unsafe impl Send for TxIovecs {}
+
+impl TxIovecs {
+    /// The buffers, in frame order.
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.0
     }
-    // `total <= max <= buf.len()`, so this slice exists.
-    let frame = &mut buf[..total as usize];
-    let mut reader = chain.reader(mem).map_err(|_| FrameError::Memory)?;
-    std::io::Read::read_exact(&mut reader, frame).map_err(|_| FrameError::Memory)?;
-    Ok(frame.len())
+}
+
+/// Validates a transmit chain (vnet header + frame, any split) and lists its buffers in
+/// `iovs`; returns the frame's length (header included). Every address is resolved through
+/// guest memory's own bounds checks, so each iovec lies inside guest RAM.
+pub fn tx_iovecs(
+    mem: &GuestMemoryMmap,
+    chain: &Chain<'_>,
+    iovs: &mut TxIovecs,
+) -> Result<usize, FrameError> {
+    iovs.0.clear();
+    validate_chain(chain, Direction::DeviceReads, MAX_TX_CHAIN_LEN as u64)?;
+    // Walked again to resolve the addresses: the guest may have rewritten its descriptors
+    // since, so direction and length are checked again on what is used.
+    let mut total = 0usize;
+    for desc in chain.clone() {
+        if desc.is_write_only() {
+            return Err(ChainError::WrongDirection.into());
+        }
+        total += desc.len() as usize;
+        if total > MAX_TX_CHAIN_LEN {
+            return Err(ChainError::TooLong(MAX_TX_CHAIN_LEN as u64).into());
+        }
+        let slice = mem
+            .get_slice(desc.addr(), desc.len() as usize)
+            .map_err(|_| FrameError::Memory)?;
+        iovs.0.push(libc::iovec {
+            iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+            iov_len: slice.len(),
+        });
+    }
+    if total < VNET_HDR_LEN + ETH_HLEN {
+        return Err(FrameError::TooShort(total as u64));
+    }
+    Ok(total)
 }
 
 /// What became of a frame offered to the receive queue.
@@ -227,8 +261,8 @@ impl Net {
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
-            match read_tx_frame(&mem, chain, &mut self.tx_buf) {
-                Ok(len) => match self.backend.write_frame(&self.tx_buf[..len]) {
+            match tx_iovecs(&mem, &chain, &mut self.tx_iovs) {
+                Ok(len) => match self.backend.write_frame(self.tx_iovs.as_slice()) {
                     Ok(_) => {
                         self.metrics.tx_packets.fetch_add(1, Ordering::Relaxed);
                         self.metrics

@@ -12,7 +12,7 @@ pub mod tap;
 pub use device::Net;
 // The frame paths over guest chains, public for the fuzz targets (`fuzz/`).
 pub use event_handler::{
-    deliver_rx_frame, read_tx_frame, FrameError, RxDelivery, RxOutcome, RxScratch,
+    deliver_rx_frame, tx_iovecs, FrameError, RxDelivery, RxOutcome, RxScratch, TxIovecs,
 };
 pub use metrics::NetMetrics;
 pub use tap::{Tap, TapError};

@@ -8,7 +8,7 @@
 //! published, maintained crate).
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -41,12 +41,27 @@ pub enum TapError {
 pub trait NetBackend: Send {
     /// Reads one frame (vnet header + Ethernet frame) into `buf`; `WouldBlock` when none.
     fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
-    /// Writes one frame (vnet header + Ethernet frame).
-    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize>;
+    /// Writes one frame (vnet header + Ethernet frame) gathered from `iovs` with one
+    /// `writev`. The kernel reads through the pointers; one that points nowhere fails the
+    /// call with `EFAULT`, so this is safe whatever they hold.
+    fn write_frame(&mut self, iovs: &[libc::iovec]) -> std::io::Result<usize>;
     /// Sets which offloads (`TUN_F_*`) the backend may use in frames it gives us.
     fn set_offload(&mut self, flags: u32) -> std::io::Result<()>;
     /// The fd that becomes readable when a frame is waiting.
     fn raw_fd(&self) -> RawFd;
+}
+
+/// `writev(2)` of `iovs` to `fd`.
+pub fn writev(fd: RawFd, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+    let count = libc::c_int::try_from(iovs.len())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `iovs` is a live slice of `count` iovecs. writev only reads the memory they
+    // name, through the kernel, which fails with EFAULT on an address that is not mapped.
+    let n = unsafe { libc::writev(fd, iovs.as_ptr(), count) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// Whether `name` is a usable Linux interface name (`dev_valid_name`).
@@ -145,8 +160,8 @@ impl NetBackend for Tap {
         self.file.read(buf)
     }
 
-    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
-        self.file.write(frame)
+    fn write_frame(&mut self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+        writev(self.file.as_raw_fd(), iovs)
     }
 
     fn set_offload(&mut self, flags: u32) -> std::io::Result<()> {

@@ -34,11 +34,12 @@ impl NetBackend for PairBackend {
     fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.sock.recv(buf)
     }
-    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+    fn write_frame(&mut self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
-        self.sock.send(frame)
+        // One datagram per writev, as one frame per write on a tap.
+        super::tap::writev(self.sock.as_raw_fd(), iovs)
     }
     fn set_offload(&mut self, flags: u32) -> std::io::Result<()> {
         self.offloads.lock().unwrap().push(flags);
