@@ -204,12 +204,11 @@ pub fn deliver_rx_frame(
         // Only a guest rewriting its descriptors under us gets here; it gets what it wrote.
         invalid += 1;
     }
-    for i in 0..scratch.bad.len() {
+    for &head in &scratch.bad {
         invalid += 1;
-        used_entry(queue, scratch.bad[i], 0, &mut invalid);
+        used_entry(queue, head, 0, &mut invalid);
     }
-    for i in 0..scratch.used.len() {
-        let (head, len) = scratch.used[i];
+    for &(head, len) in &scratch.used {
         used_entry(queue, head, len, &mut invalid);
     }
     RxDelivery {
