@@ -8,9 +8,9 @@ use carapace_e2e::daemon::Daemon;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, DnsConfig, ExecSyncRequest,
-    ImageSpec, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
-    StopPodSandboxRequest,
+    ImageSpec, ListPodSandboxMetricsRequest, PodSandboxConfig, PodSandboxMetadata,
+    PodSandboxStatsRequest, PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StatusRequest, StopPodSandboxRequest,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -388,6 +388,43 @@ async fn pods_reach_each_other_and_the_node_reaches_them() {
         "pong",
         "hostPort {HOST_PORT} on {node}"
     );
+
+    // The traffic shows in pod A's stats and metrics: its eth0's counters.
+    let stats = cri
+        .pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod_a.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let eth0 = stats
+        .linux
+        .unwrap()
+        .network
+        .expect("network stats")
+        .default_interface
+        .unwrap();
+    assert_eq!(eth0.name, "eth0");
+    let rx = eth0.rx_bytes.unwrap().value;
+    let tx = eth0.tx_bytes.unwrap().value;
+    // At least the node's and pod B's requests in, and "pong" twice out.
+    assert!(rx > 200 && tx > 200, "{rx} {tx}");
+    let metrics = cri
+        .list_pod_sandbox_metrics(ListPodSandboxMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_metrics;
+    let of_a = metrics.iter().find(|m| m.pod_sandbox_id == pod_a).unwrap();
+    let rx_metric = of_a
+        .metrics
+        .iter()
+        .find(|m| m.name == "container_network_receive_bytes_total")
+        .unwrap_or_else(|| panic!("{of_a:?}"));
+    assert_eq!(rx_metric.label_values, [pod_a.as_str(), "POD", "", "eth0"]);
+    assert!(rx_metric.value.as_ref().unwrap().value >= rx);
 
     for pod in [pod_a, pod_b] {
         cri.stop_pod_sandbox(StopPodSandboxRequest {

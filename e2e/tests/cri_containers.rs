@@ -11,9 +11,10 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerEventType, ContainerFilter, ContainerState, ContainerStatsRequest,
     ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse,
     GetEventsRequest, ImageSpec, Int64Value, LinuxContainerConfig, LinuxContainerSecurityContext,
-    ListContainersRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxStatsRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    ReopenContainerLogRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ListContainersRequest, ListMetricDescriptorsRequest, ListPodSandboxMetricsRequest, Mount,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxStatsRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, ReopenContainerLogRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::Code;
 
@@ -226,6 +227,65 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
         .stats
         .unwrap();
     assert_eq!(pod_stats.linux.unwrap().containers.len(), 1);
+
+    // The same figures as Prometheus metrics (kubelet's
+    // PodAndContainerStatsFromCRI): each with its descriptor's labels.
+    let descriptors: HashMap<String, usize> = cri
+        .list_metric_descriptors(ListMetricDescriptorsRequest {})
+        .await
+        .expect("ListMetricDescriptors")
+        .into_inner()
+        .descriptors
+        .into_iter()
+        .map(|d| (d.name, d.label_keys.len()))
+        .collect();
+    let pod_metrics = cri
+        .list_pod_sandbox_metrics(ListPodSandboxMetricsRequest {})
+        .await
+        .expect("ListPodSandboxMetrics")
+        .into_inner()
+        .pod_metrics;
+    let ours = pod_metrics
+        .iter()
+        .find(|m| m.pod_sandbox_id == pod)
+        .expect("the pod's metrics");
+    assert!(ours.metrics.is_empty(), "a pod without a network: {ours:?}");
+    assert_eq!(ours.container_metrics.len(), 1);
+    assert_eq!(ours.container_metrics[0].container_id, app_id);
+    let metrics = &ours.container_metrics[0].metrics;
+    for m in metrics {
+        assert_eq!(
+            descriptors.get(&m.name),
+            Some(&m.label_values.len()),
+            "{m:?}"
+        );
+        assert_eq!(
+            m.label_values[..3],
+            [app_id.as_str(), "app", BUSYBOX],
+            "{m:?}"
+        );
+    }
+    let metric = |name: &str| {
+        metrics
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {metrics:?}"))
+            .value
+            .as_ref()
+            .unwrap()
+            .value
+    };
+    assert!(metric("container_memory_working_set_bytes") > 0);
+    assert!(
+        (1..=2).contains(&metric("container_processes")),
+        "sh, and its sleep"
+    );
+    let started = metric("container_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now - 600 < started && started <= now, "{started} {now}");
 
     // The daemon restarts: the container still runs and its log goes on.
     daemon.restart().await;

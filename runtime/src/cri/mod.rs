@@ -5,6 +5,7 @@
 mod container;
 mod events;
 pub mod image_service;
+mod metrics;
 pub mod runtime_config;
 mod runtime_service;
 mod sandbox_list;

@@ -1,7 +1,6 @@
 //! The RuntimeService trait: each call delegates to its own module through
-//! the [`rpc`] wrapper. Calls not implemented yet (checkpoints, the
-//! Prometheus-style metrics calls) answer `Unimplemented` with the call's
-//! name.
+//! the [`rpc`] wrapper. The call not implemented yet (checkpoints) answers
+//! `Unimplemented` with the call's name.
 
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use k8s_cri::v1::{
@@ -311,7 +310,9 @@ impl RuntimeService for CriService {
         _request: Request<ListMetricDescriptorsRequest>,
     ) -> Result<Response<ListMetricDescriptorsResponse>, Status> {
         rpc("ListMetricDescriptors", async {
-            Err(CriError::Unimplemented("ListMetricDescriptors"))
+            Ok(ListMetricDescriptorsResponse {
+                descriptors: super::metrics::descriptors(),
+            })
         })
         .await
     }
@@ -321,7 +322,9 @@ impl RuntimeService for CriService {
         _request: Request<ListPodSandboxMetricsRequest>,
     ) -> Result<Response<ListPodSandboxMetricsResponse>, Status> {
         rpc("ListPodSandboxMetrics", async {
-            Err(CriError::Unimplemented("ListPodSandboxMetrics"))
+            Ok(ListPodSandboxMetricsResponse {
+                pod_metrics: self.list_pod_sandbox_metrics().await,
+            })
         })
         .await
     }

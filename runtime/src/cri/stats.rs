@@ -1,20 +1,25 @@
 //! ContainerStats, ListContainerStats, PodSandboxStats and
 //! ListPodSandboxStats: CPU, memory and process figures from the agent
-//! (the guest's cgroups), the writable layer's use from the host.
+//! (the guest's cgroups), the writable layer's use from the host, the pod
+//! interface's traffic from the pod's network namespace. The same samples
+//! feed ListPodSandboxMetrics (`metrics`).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use carapace_agent_api::v1::ContainerStatsResponse as AgentStats;
 use k8s_cri::v1::{
-    ContainerAttributes, ContainerMetadata, ContainerStats, ContainerStatsFilter, CpuUsage,
-    FilesystemIdentifier, FilesystemUsage, LinuxPodSandboxStats, MemoryUsage, PodSandboxAttributes,
-    PodSandboxStats, PodSandboxStatsFilter, ProcessUsage, UInt64Value,
+    ContainerAttributes, ContainerMetadata, ContainerMetrics, ContainerStats, ContainerStatsFilter,
+    CpuUsage, FilesystemIdentifier, FilesystemUsage, LinuxPodSandboxStats, MemoryUsage,
+    NetworkInterfaceUsage, NetworkUsage, PodSandboxAttributes, PodSandboxMetrics, PodSandboxStats,
+    PodSandboxStatsFilter, ProcessUsage, UInt64Value,
 };
 
+use super::metrics::{self, ContainerSample};
 use super::sandbox_status::cri_metadata;
 use super::{CriError, CriService};
 use crate::container::{ContainerRecord, ContainerState};
+use crate::network::counters::{self, InterfaceCounters};
+use crate::sandbox::{SandboxRecord, SandboxState};
 
 /// The previous CPU sample of each container, for usage_nano_cores.
 #[derive(Debug, Default)]
@@ -66,13 +71,38 @@ fn disk_usage(dir: &Path) -> (u64, u64) {
     (bytes, inodes)
 }
 
+/// The pod interface's counters, when the pod has a network and they can
+/// be read.
+async fn pod_interface(record: &SandboxRecord) -> Option<InterfaceCounters> {
+    let netns = record.network.as_ref()?.netns.clone();
+    let read = tokio::task::spawn_blocking(move || counters::pod_interface(&netns)).await;
+    match read {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            tracing::debug!(sandbox = %record.id, error = %e, "no network counters");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn network_usage(c: InterfaceCounters) -> NetworkUsage {
+    let interface = NetworkInterfaceUsage {
+        name: c.name,
+        rx_bytes: value(c.rx_bytes),
+        rx_errors: value(c.rx_errors),
+        tx_bytes: value(c.tx_bytes),
+        tx_errors: value(c.tx_errors),
+    };
+    NetworkUsage {
+        timestamp: super::container::timestamp(),
+        default_interface: Some(interface.clone()),
+        interfaces: vec![interface],
+    }
+}
+
 impl CriService {
-    fn container_stats_of(
-        &self,
-        r: &ContainerRecord,
-        stats: Option<AgentStats>,
-        layer: (u64, u64),
-    ) -> ContainerStats {
+    fn container_stats_of(&self, r: &ContainerRecord, sample: &ContainerSample) -> ContainerStats {
         let now = super::container::timestamp();
         let attributes = Some(ContainerAttributes {
             id: r.id.clone(),
@@ -88,10 +118,10 @@ impl CriService {
             fs_id: Some(FilesystemIdentifier {
                 mountpoint: r.layer_dir.display().to_string(),
             }),
-            used_bytes: value(layer.0),
-            inodes_used: value(layer.1),
+            used_bytes: value(sample.layer_bytes),
+            inodes_used: value(sample.layer_inodes),
         });
-        let Some(s) = stats else {
+        let Some(s) = &sample.agent else {
             return ContainerStats {
                 attributes,
                 writable_layer,
@@ -99,7 +129,7 @@ impl CriService {
             };
         };
         let at = s.timestamp_unix_nanos;
-        let cpu = s.cpu.map(|c| {
+        let cpu = s.cpu.as_ref().map(|c| {
             let usage_ns = c.usage_usec.saturating_mul(1000);
             CpuUsage {
                 timestamp: at,
@@ -107,7 +137,7 @@ impl CriService {
                 usage_nano_cores: self.cpu_samples.rate(&r.id, at, usage_ns).and_then(value),
             }
         });
-        let memory = s.memory.map(|m| MemoryUsage {
+        let memory = s.memory.as_ref().map(|m| MemoryUsage {
             timestamp: at,
             working_set_bytes: value(m.working_set_bytes),
             available_bytes: (m.limit_bytes > 0)
@@ -127,19 +157,30 @@ impl CriService {
         }
     }
 
-    /// Stats of one container record: the agent's figures while the
-    /// container lives in a ready pod, the writable layer always.
-    async fn stats_for(&self, r: &ContainerRecord) -> ContainerStats {
-        let live = if r.state == ContainerState::Exited {
+    /// What one container record's stats and metrics are read from: the
+    /// agent's figures while the container lives in a ready pod, the
+    /// writable layer always.
+    async fn sample_for(&self, r: &ContainerRecord) -> ContainerSample {
+        let agent = if r.state == ContainerState::Exited {
             None
         } else {
             self.containers.stats(&r.id).await.ok()
         };
         let upper = r.layer_dir.join("upper");
-        let layer = tokio::task::spawn_blocking(move || disk_usage(&upper))
+        let (layer_bytes, layer_inodes) = tokio::task::spawn_blocking(move || disk_usage(&upper))
             .await
             .unwrap_or_default();
-        self.container_stats_of(r, live, layer)
+        ContainerSample {
+            agent,
+            layer_bytes,
+            layer_inodes,
+            started_at_ns: r.started_at_ns,
+        }
+    }
+
+    async fn stats_for(&self, r: &ContainerRecord) -> ContainerStats {
+        let sample = self.sample_for(r).await;
+        self.container_stats_of(r, &sample)
     }
 
     pub(super) async fn container_stats(&self, id: &str) -> Result<ContainerStats, CriError> {
@@ -186,6 +227,7 @@ impl CriService {
             .get(id)
             .ok_or_else(|| CriError::NotFound(format!("pod sandbox {id} not found")))?;
         let record = sandbox.lock().await.record.clone();
+        let network = pod_interface(&record).await.map(network_usage);
         let mut containers = Vec::new();
         for r in self.containers.list().await {
             if r.sandbox_id == id && r.state == ContainerState::Running {
@@ -246,7 +288,7 @@ impl CriService {
             linux: Some(LinuxPodSandboxStats {
                 cpu: Some(cpu),
                 memory: Some(memory),
-                network: None,
+                network,
                 process: Some(ProcessUsage {
                     timestamp: now,
                     process_count: value(containers.len() as u64),
@@ -276,11 +318,49 @@ impl CriService {
                     continue;
                 }
             }
-            if record.state == crate::sandbox::SandboxState::Ready {
+            if record.state == SandboxState::Ready {
                 out.push(self.pod_sandbox_stats(&record.id).await?);
             }
         }
         Ok(out)
+    }
+
+    /// The metrics of every ready pod: its interface's traffic, and the
+    /// metrics of each of its running containers.
+    pub(super) async fn list_pod_sandbox_metrics(&self) -> Vec<PodSandboxMetrics> {
+        let containers = self.containers.list().await;
+        let mut out = Vec::new();
+        for sandbox in self.sandboxes.list() {
+            let record = sandbox.lock().await.record.clone();
+            if record.state != SandboxState::Ready {
+                continue;
+            }
+            let pod_metrics = match pod_interface(&record).await {
+                Some(c) => metrics::metrics_of(metrics::NETWORK, &c, &[&record.id, "POD", ""]),
+                None => Vec::new(),
+            };
+            let mut container_metrics = Vec::new();
+            for r in &containers {
+                if r.sandbox_id != record.id || r.state != ContainerState::Running {
+                    continue;
+                }
+                let sample = self.sample_for(r).await;
+                container_metrics.push(ContainerMetrics {
+                    container_id: r.id.clone(),
+                    metrics: metrics::metrics_of(
+                        metrics::CONTAINER,
+                        &sample,
+                        &[&r.id, &r.name, &r.image],
+                    ),
+                });
+            }
+            out.push(PodSandboxMetrics {
+                pod_sandbox_id: record.id,
+                metrics: pod_metrics,
+                container_metrics,
+            });
+        }
+        out
     }
 }
 

@@ -7,6 +7,7 @@
 //! and when the namespace is already gone.
 
 pub mod cni;
+pub mod counters;
 pub mod guest;
 pub mod netns;
 pub mod tap;
