@@ -203,9 +203,7 @@ pub fn credentials(auth: Option<&AuthConfig>) -> Result<Credentials, CriError> {
         return Ok(Credentials::RegistryToken(a.registry_token.clone()));
     }
     if !a.identity_token.is_empty() {
-        return Err(CriError::Unimplemented(
-            "registry identity tokens (OAuth2 refresh tokens); use username/password or a registry token",
-        ));
+        return Ok(Credentials::IdentityToken(a.identity_token.clone()));
     }
     Ok(Credentials::Anonymous)
 }
@@ -284,10 +282,10 @@ mod tests {
             a(|c| c.registry_token = "t".into()).unwrap(),
             Credentials::RegistryToken("t".into())
         );
-        assert!(matches!(
-            a(|c| c.identity_token = "t".into()),
-            Err(CriError::Unimplemented(_))
-        ));
+        assert_eq!(
+            a(|c| c.identity_token = "i".into()).unwrap(),
+            Credentials::IdentityToken("i".into())
+        );
         let s: Status = CriError::Unimplemented("x").into();
         assert_eq!(s.code(), tonic::Code::Unimplemented);
     }

@@ -10,6 +10,7 @@
 pub mod blobs;
 pub mod digest;
 mod fsutil;
+pub mod identity_token;
 pub mod import;
 pub mod manifest;
 pub mod pull;

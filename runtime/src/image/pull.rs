@@ -61,6 +61,9 @@ pub enum Credentials {
     },
     /// A registry (bearer) token, sent as is.
     RegistryToken(String),
+    /// An OAuth2 refresh token, exchanged for an access token at the
+    /// registry's token service first (see [`super::identity_token`]).
+    IdentityToken(String),
 }
 
 impl std::fmt::Debug for Credentials {
@@ -69,27 +72,19 @@ impl std::fmt::Debug for Credentials {
             Self::Anonymous => f.write_str("Anonymous"),
             Self::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
             Self::RegistryToken(_) => f.write_str("RegistryToken(<redacted>)"),
+            Self::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
         }
     }
 }
 
 impl Credentials {
-    fn to_auth(&self) -> RegistryAuth {
-        match self {
-            Self::Anonymous => RegistryAuth::Anonymous,
-            Self::Basic { username, password } => {
-                RegistryAuth::Basic(username.clone(), password.clone())
-            }
-            Self::RegistryToken(t) => RegistryAuth::Bearer(t.clone()),
-        }
-    }
-
     /// Distinguishes credentials in the single-flight key without keeping them.
     fn fingerprint(&self) -> String {
         let s = match self {
             Self::Anonymous => String::new(),
             Self::Basic { username, password } => format!("b\0{username}\0{password}"),
             Self::RegistryToken(t) => format!("t\0{t}"),
+            Self::IdentityToken(t) => format!("i\0{t}"),
         };
         hex::encode(&sha2::Sha256::digest(s.as_bytes())[..8])
     }
@@ -178,12 +173,16 @@ impl Puller {
         let client = self.client();
         let mut last = None;
         for ep in &endpoints {
+            // The request's credentials go to the image's own registry only.
             let auth = if ep.mirror {
-                RegistryAuth::Anonymous
+                Ok(RegistryAuth::Anonymous)
             } else {
-                creds.to_auth()
+                self.auth_for(ep, image, creds).await
             };
-            let result = self.pull_from(&client, ep, image, &auth).await;
+            let result = match auth {
+                Ok(auth) => self.pull_from(&client, ep, image, &auth).await,
+                Err(e) => Err(e),
+            };
             match result {
                 Ok(rec) => {
                     tracing::info!(image = %image, host = %ep.host, id = %rec.id, "pulled image");
@@ -203,6 +202,39 @@ impl Puller {
         Err(last.unwrap_or_else(|| {
             PullError::NotFound(format!("no registry host to pull {image} from"))
         }))
+    }
+
+    /// What oci-client sends to `ep` for `creds`: an identity token is
+    /// exchanged for an access token first.
+    async fn auth_for(
+        &self,
+        ep: &Endpoint,
+        image: &ImageRef,
+        creds: &Credentials,
+    ) -> Result<RegistryAuth, PullError> {
+        Ok(match creds {
+            Credentials::Anonymous => RegistryAuth::Anonymous,
+            Credentials::Basic { username, password } => {
+                RegistryAuth::Basic(username.clone(), password.clone())
+            }
+            Credentials::RegistryToken(t) => RegistryAuth::Bearer(t.clone()),
+            Credentials::IdentityToken(t) => {
+                let scheme = if ep.plain_http { "http" } else { "https" };
+                let plain = self.config.plain_http_hosts();
+                let base = format!("{scheme}://{}", ep.host);
+                super::identity_token::access_token(&base, image.repository(), t, |h| {
+                    plain.iter().any(|p| p == h)
+                })
+                .await
+                .map_err(|e| match e {
+                    PullError::Unauthenticated(m) => {
+                        PullError::Unauthenticated(format!("pulling {image}: {m}"))
+                    }
+                    other => other,
+                })?
+                .map_or(RegistryAuth::Anonymous, RegistryAuth::Bearer)
+            }
+        })
     }
 
     fn client(&self) -> Client {

@@ -16,32 +16,62 @@ enum Mode {
     Serve,
     Unauthorized,
     TamperBlobs,
+    /// Bearer tokens only: `/token` gives `access-1` for a POST of the
+    /// refresh token `identity-secret`; everything else wants it.
+    IdentityToken,
 }
 
 struct Fake {
     host: String,
     blob_gets: Arc<AtomicUsize>,
+    token_posts: Arc<AtomicUsize>,
 }
 
 async fn fake_registry(dir: PathBuf, manifest: Digest, mode: Mode) -> Fake {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let host = listener.local_addr().unwrap().to_string();
     let blob_gets = Arc::new(AtomicUsize::new(0));
+    let token_posts = Arc::new(AtomicUsize::new(0));
     let gets = blob_gets.clone();
+    let posts = token_posts.clone();
+    let challenge =
+        format!("WWW-Authenticate: Bearer realm=\"http://{host}/token\",service=\"fake\"\r\n");
     tokio::spawn(async move {
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
-            let (dir, manifest, gets) = (dir.clone(), manifest.clone(), gets.clone());
+            let (dir, manifest, gets, posts, challenge) = (
+                dir.clone(),
+                manifest.clone(),
+                gets.clone(),
+                posts.clone(),
+                challenge.clone(),
+            );
             tokio::spawn(async move {
                 let mut req = Vec::new();
                 let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read_more = |req: &[u8]| match req.windows(4).position(|w| w == b"\r\n\r\n") {
+                    None => true,
+                    Some(end) => {
+                        let head = String::from_utf8_lossy(&req[..end]).to_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        req.len() < end + 4 + length
+                    }
+                };
+                while read_more(&req) {
                     let n = s.read(&mut buf).await.unwrap();
                     if n == 0 {
                         return;
                     }
                     req.extend_from_slice(&buf[..n]);
                 }
+                let text = String::from_utf8_lossy(&req).into_owned();
+                let authorized = text.lines().any(|l| {
+                    l.to_lowercase().starts_with("authorization:") && l.ends_with("Bearer access-1")
+                });
                 let line = String::from_utf8_lossy(&req)
                     .lines()
                     .next()
@@ -57,14 +87,49 @@ async fn fake_registry(dir: PathBuf, manifest: Digest, mode: Mode) -> Fake {
                     )
                     .ok()
                 };
-                let (status, ctype, mut body, extra) = if path == "/v2/" {
+                let unauthorized =
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+                let (status, ctype, mut body, extra) = if mode == Mode::IdentityToken
+                    && path == "/token"
+                {
+                    if method == "POST" {
+                        posts.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let form = text.split("\r\n\r\n").nth(1).unwrap_or("");
+                    let fields: Vec<&str> = form.split('&').collect();
+                    let good = method == "POST"
+                        && [
+                            "grant_type=refresh_token",
+                            "refresh_token=identity-secret",
+                            "service=fake",
+                            "scope=repository%3Aapp%3Apull",
+                        ]
+                        .iter()
+                        .all(|f| fields.contains(f));
+                    if good {
+                        (
+                            200,
+                            "application/json",
+                            br#"{"access_token":"access-1"}"#.to_vec(),
+                            String::new(),
+                        )
+                    } else {
+                        (
+                            401,
+                            "application/json",
+                            br#"{"error":"invalid_grant"}"#.to_vec(),
+                            String::new(),
+                        )
+                    }
+                } else if mode == Mode::IdentityToken && !authorized {
+                    (401, "application/json", unauthorized.to_vec(), challenge)
+                } else if path == "/v2/" {
                     (200, "application/json", b"{}".to_vec(), String::new())
                 } else if mode == Mode::Unauthorized {
-                    let b = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
                     (
                         401,
                         "application/json",
-                        b.to_vec(),
+                        unauthorized.to_vec(),
                         "WWW-Authenticate: Basic realm=\"fake\"\r\n".into(),
                     )
                 } else if let Some(r) = path.split("/manifests/").nth(1) {
@@ -119,7 +184,11 @@ async fn fake_registry(dir: PathBuf, manifest: Digest, mode: Mode) -> Fake {
             });
         }
     });
-    Fake { host, blob_gets }
+    Fake {
+        host,
+        blob_gets,
+        token_posts,
+    }
 }
 
 fn test_image(dir: &std::path::Path) -> (Layout, TestImage) {
@@ -251,6 +320,41 @@ async fn registry_errors_map_to_kinds_and_leave_nothing() {
             "{d} is empty"
         );
     }
+}
+
+#[tokio::test]
+async fn an_identity_token_is_exchanged_for_an_access_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, img) = test_image(&tmp.path().join("layout"));
+    let root = tmp.path().join("store");
+    let fake = fake_registry(
+        layout.dir.clone(),
+        img.manifest.clone(),
+        Mode::IdentityToken,
+    )
+    .await;
+    let p = puller(&root, &fake.host);
+    let r = ImageRef::parse(&format!("{}/app:latest", fake.host)).unwrap();
+
+    // Without a token, or with a refused one: Unauthenticated, nothing kept.
+    let e = p.pull(&r, &Credentials::Anonymous).await.unwrap_err();
+    assert!(matches!(e, PullError::Unauthenticated(_)), "{e}");
+    let wrong = Credentials::IdentityToken("stale".into());
+    let e = p.pull(&r, &wrong).await.unwrap_err();
+    assert!(
+        matches!(&e, PullError::Unauthenticated(m) if m.contains("refused the identity token")),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("stale"), "{e}");
+    for d in ["blobs/sha256", "images"] {
+        assert_eq!(std::fs::read_dir(root.join(d)).unwrap().count(), 0, "{d}");
+    }
+
+    let creds = Credentials::IdentityToken("identity-secret".into());
+    let rec = p.pull(&r, &creds).await.unwrap();
+    assert_eq!(rec.id, img.config);
+    assert_eq!(fake.token_posts.load(Ordering::SeqCst), 2);
+    assert!(!format!("{creds:?}").contains("secret"));
 }
 
 #[test]
