@@ -59,6 +59,22 @@ fn io(s: &ContainerSample) -> Option<&carapace_agent_api::v1::IoStats> {
     s.agent.as_ref()?.io.as_ref()
 }
 
+/// A family with the base labels only.
+const fn plain<S>(
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    value: fn(&S) -> Option<u64>,
+) -> Family<S> {
+    Family {
+        name,
+        help,
+        kind,
+        extra: None,
+        value,
+    }
+}
+
 /// The metrics of each running container.
 pub const CONTAINER: &[Family<ContainerSample>] = &[
     Family {
@@ -68,189 +84,167 @@ pub const CONTAINER: &[Family<ContainerSample>] = &[
         extra: Some(("cpu", |_| "total".into())),
         value: |s| Some(cpu(s)?.usage_usec / MICROS),
     },
-    Family {
-        name: "container_cpu_user_seconds_total",
-        help: "Cumulative user cpu time consumed in seconds.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(cpu(s)?.user_usec / MICROS),
-    },
-    Family {
-        name: "container_cpu_system_seconds_total",
-        help: "Cumulative system cpu time consumed in seconds.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(cpu(s)?.system_usec / MICROS),
-    },
-    Family {
-        name: "container_cpu_cfs_throttled_periods_total",
-        help: "Number of throttled period intervals.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(cpu(s)?.nr_throttled),
-    },
-    Family {
-        name: "container_cpu_cfs_throttled_seconds_total",
-        help: "Total time duration the container has been throttled.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(cpu(s)?.throttled_usec / MICROS),
-    },
-    Family {
-        name: "container_memory_usage_bytes",
-        help: "Current memory usage in bytes, including all memory regardless of when it was accessed.",
-        kind: MetricType::Gauge,
-        extra: None,
-        value: |s| Some(memory(s)?.usage_bytes),
-    },
-    Family {
-        name: "container_memory_working_set_bytes",
-        help: "Current working set in bytes.",
-        kind: MetricType::Gauge,
-        extra: None,
-        value: |s| Some(memory(s)?.working_set_bytes),
-    },
-    Family {
-        name: "container_memory_rss",
-        help: "Size of RSS in bytes.",
-        kind: MetricType::Gauge,
-        extra: None,
-        value: |s| Some(memory(s)?.anon_bytes),
-    },
-    Family {
-        name: "container_memory_cache",
-        help: "Number of bytes of page cache memory.",
-        kind: MetricType::Gauge,
-        extra: None,
-        value: |s| Some(memory(s)?.file_bytes),
-    },
-    Family {
-        name: "container_spec_memory_limit_bytes",
-        help: "Memory limit for the container, 0 when unlimited.",
-        kind: MetricType::Gauge,
-        extra: None,
-        value: |s| Some(memory(s)?.limit_bytes),
-    },
-    Family {
-        name: "container_oom_events_total",
-        help: "Count of out of memory events observed for the container.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(memory(s)?.oom_kills),
-    },
-    Family {
-        name: "container_processes",
-        help: "Number of processes running inside the container.",
-        kind: MetricType::Gauge,
-        extra: None,
-        value: |s| Some(s.agent.as_ref()?.pids.as_ref()?.current),
-    },
-    Family {
-        name: "container_fs_reads_bytes_total",
-        help: "Cumulative count of bytes read.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(io(s)?.read_bytes),
-    },
-    Family {
-        name: "container_fs_writes_bytes_total",
-        help: "Cumulative count of bytes written.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(io(s)?.write_bytes),
-    },
-    Family {
-        name: "container_fs_reads_total",
-        help: "Cumulative count of reads completed.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(io(s)?.read_ops),
-    },
-    Family {
-        name: "container_fs_writes_total",
-        help: "Cumulative count of writes completed.",
-        kind: MetricType::Counter,
-        extra: None,
-        value: |s| Some(io(s)?.write_ops),
-    },
-    Family {
-        name: "container_fs_usage_bytes",
-        help: "Number of bytes that are consumed by the container's writable layer.",
-        kind: MetricType::Gauge,
-        extra: None,
-        value: |s| Some(s.layer_bytes),
-    },
-    Family {
-        name: "container_start_time_seconds",
-        help: "Start time of the container since unix epoch in seconds.",
-        kind: MetricType::Gauge,
-        extra: None,
-        value: |s| u64::try_from(s.started_at_ns / 1_000_000_000).ok(),
-    },
+    plain(
+        "container_cpu_user_seconds_total",
+        "Cumulative user cpu time consumed in seconds.",
+        MetricType::Counter,
+        |s| Some(cpu(s)?.user_usec / MICROS),
+    ),
+    plain(
+        "container_cpu_system_seconds_total",
+        "Cumulative system cpu time consumed in seconds.",
+        MetricType::Counter,
+        |s| Some(cpu(s)?.system_usec / MICROS),
+    ),
+    plain(
+        "container_cpu_cfs_throttled_periods_total",
+        "Number of throttled period intervals.",
+        MetricType::Counter,
+        |s| Some(cpu(s)?.nr_throttled),
+    ),
+    plain(
+        "container_cpu_cfs_throttled_seconds_total",
+        "Total time duration the container has been throttled.",
+        MetricType::Counter,
+        |s| Some(cpu(s)?.throttled_usec / MICROS),
+    ),
+    plain(
+        "container_memory_usage_bytes",
+        "Current memory usage in bytes, including all memory regardless of when it was accessed.",
+        MetricType::Gauge,
+        |s| Some(memory(s)?.usage_bytes),
+    ),
+    plain(
+        "container_memory_working_set_bytes",
+        "Current working set in bytes.",
+        MetricType::Gauge,
+        |s| Some(memory(s)?.working_set_bytes),
+    ),
+    plain(
+        "container_memory_rss",
+        "Size of RSS in bytes.",
+        MetricType::Gauge,
+        |s| Some(memory(s)?.anon_bytes),
+    ),
+    plain(
+        "container_memory_cache",
+        "Number of bytes of page cache memory.",
+        MetricType::Gauge,
+        |s| Some(memory(s)?.file_bytes),
+    ),
+    plain(
+        "container_spec_memory_limit_bytes",
+        "Memory limit for the container, 0 when unlimited.",
+        MetricType::Gauge,
+        |s| Some(memory(s)?.limit_bytes),
+    ),
+    plain(
+        "container_oom_events_total",
+        "Count of out of memory events observed for the container.",
+        MetricType::Counter,
+        |s| Some(memory(s)?.oom_kills),
+    ),
+    plain(
+        "container_processes",
+        "Number of processes running inside the container.",
+        MetricType::Gauge,
+        |s| Some(s.agent.as_ref()?.pids.as_ref()?.current),
+    ),
+    plain(
+        "container_fs_reads_bytes_total",
+        "Cumulative count of bytes read.",
+        MetricType::Counter,
+        |s| Some(io(s)?.read_bytes),
+    ),
+    plain(
+        "container_fs_writes_bytes_total",
+        "Cumulative count of bytes written.",
+        MetricType::Counter,
+        |s| Some(io(s)?.write_bytes),
+    ),
+    plain(
+        "container_fs_reads_total",
+        "Cumulative count of reads completed.",
+        MetricType::Counter,
+        |s| Some(io(s)?.read_ops),
+    ),
+    plain(
+        "container_fs_writes_total",
+        "Cumulative count of writes completed.",
+        MetricType::Counter,
+        |s| Some(io(s)?.write_ops),
+    ),
+    plain(
+        "container_fs_usage_bytes",
+        "Number of bytes that are consumed by the container's writable layer.",
+        MetricType::Gauge,
+        |s| Some(s.layer_bytes),
+    ),
+    plain(
+        "container_start_time_seconds",
+        "Start time of the container since unix epoch in seconds.",
+        MetricType::Gauge,
+        |s| u64::try_from(s.started_at_ns / 1_000_000_000).ok(),
+    ),
 ];
 
-fn interface(c: &InterfaceCounters) -> String {
-    c.name.clone()
+/// A counter of the pod interface's traffic, labelled with its name.
+const fn traffic(
+    name: &'static str,
+    help: &'static str,
+    value: fn(&InterfaceCounters) -> Option<u64>,
+) -> Family<InterfaceCounters> {
+    Family {
+        name,
+        help,
+        kind: MetricType::Counter,
+        extra: Some(("interface", |c| c.name.clone())),
+        value,
+    }
 }
 
 /// The pod's own metrics: its interface's traffic.
 pub const NETWORK: &[Family<InterfaceCounters>] = &[
-    Family {
-        name: "container_network_receive_bytes_total",
-        help: "Cumulative count of bytes received.",
-        kind: MetricType::Counter,
-        extra: Some(("interface", interface)),
-        value: |c| Some(c.rx_bytes),
-    },
-    Family {
-        name: "container_network_receive_packets_total",
-        help: "Cumulative count of packets received.",
-        kind: MetricType::Counter,
-        extra: Some(("interface", interface)),
-        value: |c| Some(c.rx_packets),
-    },
-    Family {
-        name: "container_network_receive_packets_dropped_total",
-        help: "Cumulative count of packets dropped while receiving.",
-        kind: MetricType::Counter,
-        extra: Some(("interface", interface)),
-        value: |c| Some(c.rx_dropped),
-    },
-    Family {
-        name: "container_network_receive_errors_total",
-        help: "Cumulative count of errors encountered while receiving.",
-        kind: MetricType::Counter,
-        extra: Some(("interface", interface)),
-        value: |c| Some(c.rx_errors),
-    },
-    Family {
-        name: "container_network_transmit_bytes_total",
-        help: "Cumulative count of bytes transmitted.",
-        kind: MetricType::Counter,
-        extra: Some(("interface", interface)),
-        value: |c| Some(c.tx_bytes),
-    },
-    Family {
-        name: "container_network_transmit_packets_total",
-        help: "Cumulative count of packets transmitted.",
-        kind: MetricType::Counter,
-        extra: Some(("interface", interface)),
-        value: |c| Some(c.tx_packets),
-    },
-    Family {
-        name: "container_network_transmit_packets_dropped_total",
-        help: "Cumulative count of packets dropped while transmitting.",
-        kind: MetricType::Counter,
-        extra: Some(("interface", interface)),
-        value: |c| Some(c.tx_dropped),
-    },
-    Family {
-        name: "container_network_transmit_errors_total",
-        help: "Cumulative count of errors encountered while transmitting.",
-        kind: MetricType::Counter,
-        extra: Some(("interface", interface)),
-        value: |c| Some(c.tx_errors),
-    },
+    traffic(
+        "container_network_receive_bytes_total",
+        "Cumulative count of bytes received.",
+        |c| Some(c.rx_bytes),
+    ),
+    traffic(
+        "container_network_receive_packets_total",
+        "Cumulative count of packets received.",
+        |c| Some(c.rx_packets),
+    ),
+    traffic(
+        "container_network_receive_packets_dropped_total",
+        "Cumulative count of packets dropped while receiving.",
+        |c| Some(c.rx_dropped),
+    ),
+    traffic(
+        "container_network_receive_errors_total",
+        "Cumulative count of errors encountered while receiving.",
+        |c| Some(c.rx_errors),
+    ),
+    traffic(
+        "container_network_transmit_bytes_total",
+        "Cumulative count of bytes transmitted.",
+        |c| Some(c.tx_bytes),
+    ),
+    traffic(
+        "container_network_transmit_packets_total",
+        "Cumulative count of packets transmitted.",
+        |c| Some(c.tx_packets),
+    ),
+    traffic(
+        "container_network_transmit_packets_dropped_total",
+        "Cumulative count of packets dropped while transmitting.",
+        |c| Some(c.tx_dropped),
+    ),
+    traffic(
+        "container_network_transmit_errors_total",
+        "Cumulative count of errors encountered while transmitting.",
+        |c| Some(c.tx_errors),
+    ),
 ];
 
 fn descriptor<S>(f: &Family<S>) -> MetricDescriptor {
