@@ -24,7 +24,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::container::user::UserSource;
-use crate::container::{ContainerError, Manager};
+use crate::container::{ContainerError, Manager, PidMode};
 
 use crate::listen::ListenAddr;
 
@@ -116,6 +116,16 @@ impl Agent for AgentService {
             .map_err(|_| Status::invalid_argument("unknown pid_mode"))?;
         let ipc_mode = NamespaceMode::try_from(req.ipc_mode)
             .map_err(|_| Status::invalid_argument("unknown ipc_mode"))?;
+        if ipc_mode == NamespaceMode::Target {
+            return Err(Status::invalid_argument(
+                "ipc_mode TARGET: only the pid namespace can be another container's",
+            ));
+        }
+        let pid_mode = match pid_mode {
+            NamespaceMode::Target => PidMode::Target(req.pid_target_container_id),
+            NamespaceMode::Pod => PidMode::Pod,
+            NamespaceMode::Container => PidMode::Container,
+        };
         let pid = self
             .containers
             .create(

@@ -757,8 +757,9 @@ async fn exec(cri: &mut cri::Cri, id: &str, cmd: &[&str]) -> ExecSyncResponse {
 
 /// What containerd gives the containers of a pod and carapace must too:
 /// one `/dev/shm` for those in the pod's IPC namespace (the sandbox's
-/// 64 MiB tmpfs, so POSIX shared memory works between them), and a numeric
-/// user without a group running with its `/etc/passwd` gid.
+/// 64 MiB tmpfs, so POSIX shared memory works between them), a numeric
+/// user without a group running with its `/etc/passwd` gid, and an
+/// ephemeral container sharing its target's processes.
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_dev_shm_is_shared_and_a_numeric_user_gets_its_passwd_gid() {
     let daemon = Daemon::start_with_busybox().await;
@@ -846,6 +847,83 @@ async fn pod_dev_shm_is_shared_and_a_numeric_user_gets_its_passwd_gid() {
     assert_eq!(out.exit_code, 0, "{out:?}");
     let out = exec(&mut cri, &a, &["cat", "/dev/shm/x"]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from-a\n", "{out:?}");
+
+    // `kubectl debug --target`: an ephemeral container in pid mode TARGET
+    // sees the processes of its target, which has a pid namespace of its
+    // own (kubelet's default without shareProcessNamespace).
+    let pid_ns = |pid: NamespaceMode, target_id: &str| NamespaceOption {
+        pid: pid as i32,
+        target_id: target_id.into(),
+        ..Default::default()
+    };
+    let own_pids = |name: &str, cmd: &[&str], ns: NamespaceOption| {
+        secured(
+            busybox(name, cmd, ""),
+            LinuxContainerSecurityContext {
+                namespace_options: Some(ns),
+                ..Default::default()
+            },
+        )
+    };
+    let target = create_running(
+        &mut cri,
+        &pod,
+        own_pids(
+            "target",
+            &["sleep", "100001"],
+            pid_ns(NamespaceMode::Container, ""),
+        ),
+        &pod_config,
+    )
+    .await;
+    for (target_id, code) in [("", Code::InvalidArgument), ("absent", Code::NotFound)] {
+        let config = own_pids(
+            "debug",
+            &["sleep", "100002"],
+            pid_ns(NamespaceMode::Target, target_id),
+        );
+        let err = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(config),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "target {target_id:?}: {err}");
+    }
+    let debug = create_running(
+        &mut cri,
+        &pod,
+        own_pids(
+            "debug",
+            &["sleep", "100002"],
+            pid_ns(NamespaceMode::Target, &target),
+        ),
+        &pod_config,
+    )
+    .await;
+    let cmdlines = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done";
+    let out = exec(&mut cri, &debug, &["sh", "-c", cmdlines]).await;
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        seen.contains("sleep 100001"),
+        "the target's process: {seen}"
+    );
+    assert!(seen.contains("sleep 100002"), "its own: {seen}");
+    assert!(
+        !seen.contains("sleep 100000"),
+        "not the pod's others: {seen}"
+    );
+    let out = exec(&mut cri, &debug, &["cat", "/proc/1/cmdline"]).await;
+    assert_eq!(out.stdout, b"sleep\x00100001\x00", "{out:?}");
+    // The target itself sees the debug container's process, but not the pod's.
+    let out = exec(&mut cri, &target, &["sh", "-c", cmdlines]).await;
+    let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        seen.contains("sleep 100002") && !seen.contains("sleep 100000"),
+        "{seen}"
+    );
 
     cri::remove_pod(&mut cri, &pod).await;
     assert!(mounts_under(daemon.dir()).is_empty());

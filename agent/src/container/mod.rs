@@ -137,6 +137,18 @@ struct Container {
     seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
 }
 
+/// Where a container's pid namespace comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PidMode {
+    /// A new one of its own.
+    Container,
+    /// The pod's, shared with the other containers that ask for it.
+    Pod,
+    /// That of another container of the pod (an ephemeral debug container
+    /// aimed at it): the target's process must still run.
+    Target(String),
+}
+
 /// All containers of the pod.
 #[derive(Debug)]
 pub struct Manager {
@@ -480,13 +492,33 @@ impl Manager {
         Ok(pid)
     }
 
+    /// The pid namespace a container joins for `mode`, if not a new one.
+    async fn pid_namespace(&self, mode: &PidMode) -> Result<Option<PathBuf>> {
+        let pid = match mode {
+            PidMode::Container => return Ok(None),
+            PidMode::Pod => self.pod_holder().await?,
+            PidMode::Target(target) => {
+                let container = lock(&self.containers).get(target).cloned().ok_or_else(|| {
+                    ContainerError::NotFound(format!("{target} (the pid namespace target)"))
+                })?;
+                if container.init.exit.borrow().is_some() {
+                    return Err(ContainerError::State(format!(
+                        "the pid namespace target {target:?} has exited"
+                    )));
+                }
+                container.init.pid
+            }
+        };
+        Ok(Some(PathBuf::from(format!("/proc/{pid}/ns/pid"))))
+    }
+
     /// CreateContainer. Returns the process's pid.
     pub async fn create(
         &self,
         id: &str,
         spec_json: &str,
         user: user::UserSource,
-        pid_mode: NamespaceMode,
+        pid_mode: PidMode,
         ipc_mode: NamespaceMode,
         stdin: bool,
     ) -> Result<i32> {
@@ -501,20 +533,14 @@ impl Manager {
 
         let mut join = Vec::new();
         let mut unshare = vec![Ns::Mount, Ns::Uts];
-        if pid_mode == NamespaceMode::Pod || ipc_mode == NamespaceMode::Pod {
+        match self.pid_namespace(&pid_mode).await? {
+            Some(path) => join.push((Ns::Pid, path)),
+            None => unshare.push(Ns::Pid),
+        }
+        if ipc_mode == NamespaceMode::Pod {
             let holder = self.pod_holder().await?;
-            let ns_path = |ns: Ns| PathBuf::from(format!("/proc/{holder}/ns/{}", ns.proc_name()));
-            if pid_mode == NamespaceMode::Pod {
-                join.push((Ns::Pid, ns_path(Ns::Pid)));
-            }
-            if ipc_mode == NamespaceMode::Pod {
-                join.push((Ns::Ipc, ns_path(Ns::Ipc)));
-            }
-        }
-        if pid_mode == NamespaceMode::Container {
-            unshare.push(Ns::Pid);
-        }
-        if ipc_mode == NamespaceMode::Container {
+            join.push((Ns::Ipc, PathBuf::from(format!("/proc/{holder}/ns/ipc"))));
+        } else {
             unshare.push(Ns::Ipc);
         }
 

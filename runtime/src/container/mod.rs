@@ -294,6 +294,7 @@ impl Containers {
             .sandboxes
             .get(&new.sandbox_id)
             .ok_or_else(|| SandboxError::NotFound(new.sandbox_id.clone()))?;
+        self.check_pid_target(&new.sandbox_id, config).await?;
         let (agent, share_root, log_directory, hostname, files) = {
             let mut sandbox = sandbox.lock().await;
             let agent = self.sandboxes.agent(&mut sandbox).await?;
@@ -405,6 +406,35 @@ impl Containers {
                 Err(e)
             }
         }
+    }
+
+    /// With pid mode TARGET, the target must be a container of the same
+    /// pod whose process has not ended (kubelet aims ephemeral containers
+    /// at running ones).
+    async fn check_pid_target(
+        &self,
+        sandbox_id: &str,
+        config: &ContainerConfig,
+    ) -> Result<(), ContainerError> {
+        let target = spec::pid_target(config);
+        if target.is_empty() {
+            return Ok(());
+        }
+        let entry = self.get(target).ok_or_else(|| {
+            ContainerError::NotFound(format!("{target} (the pid namespace target)"))
+        })?;
+        let record = entry.record.lock().await;
+        if record.sandbox_id != sandbox_id {
+            return Err(ContainerError::InvalidArgument(format!(
+                "the pid namespace target {target} is in another pod sandbox"
+            )));
+        }
+        if record.state == ContainerState::Exited {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "the pid namespace target {target} has exited"
+            )));
+        }
+        Ok(())
     }
 
     async fn create_in_guest(

@@ -89,8 +89,9 @@
 //!
 //! # What a VM changes
 //! - NODE namespaces (network, pid, IPC) are refused: the pod is a VM and
-//!   cannot share the host's. TARGET pid mode (ephemeral containers aimed at
-//!   another container) is refused for now, as are user namespaces.
+//!   cannot share the host's, nor are user namespaces supported yet. TARGET
+//!   pid mode (an ephemeral container aimed at another) joins the target's
+//!   pid namespace in the guest; the runtime checks the target first.
 //! - Host devices (`devices`, `CDI_devices`) are refused: they are not in
 //!   the VM. A privileged container does not get the guest's devices
 //!   either (containerd gives it the host's).
@@ -410,6 +411,10 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
         pid_mode: pid_mode as i32,
         ipc_mode: ipc_mode as i32,
         stdin: config.stdin,
+        pid_target_container_id: match pid_mode {
+            NamespaceMode::Target => pid_target(config).to_owned(),
+            _ => String::new(),
+        },
     })
 }
 
@@ -440,6 +445,19 @@ fn validate_container_id(id: &str) -> Result<(), SpecError> {
     }
 }
 
+/// The container whose pid namespace `config` asks to join (pid mode
+/// TARGET, as kubelet asks for an ephemeral container with a target), or
+/// "".
+pub fn pid_target(config: &cri::ContainerConfig) -> &str {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|sc| sc.namespace_options.as_ref())
+        .filter(|ns| ns.pid == cri::NamespaceMode::Target as i32)
+        .map_or("", |ns| ns.target_id.as_str())
+}
+
 fn namespace_modes(
     sc: &cri::LinuxContainerSecurityContext,
 ) -> Result<(NamespaceMode, NamespaceMode), SpecError> {
@@ -456,15 +474,24 @@ fn namespace_modes(
                     "NODE: the pod runs in its own VM and cannot share the host's {which} namespace"
                 ),
             )),
-            Ok(cri::NamespaceMode::Target) if which == "pid" => Err(unsupported(
-                field(which),
-                "TARGET (sharing another container's processes, as ephemeral debug containers do) is not supported yet",
-            )),
+            Ok(cri::NamespaceMode::Target) if which == "pid" => {
+                if ns.target_id.is_empty() {
+                    Err(invalid(
+                        field("target_id"),
+                        "pid mode TARGET needs the target container's id",
+                    ))
+                } else {
+                    Ok(NamespaceMode::Target)
+                }
+            }
             Ok(cri::NamespaceMode::Target) => Err(invalid(
                 field(which),
                 "TARGET is only defined for the pid namespace",
             )),
-            Err(_) => Err(invalid(field(which), format!("unknown namespace mode {value}"))),
+            Err(_) => Err(invalid(
+                field(which),
+                format!("unknown namespace mode {value}"),
+            )),
         }
     };
     if ns.network == cri::NamespaceMode::Node as i32 {

@@ -34,16 +34,31 @@ fn namespace_modes_map_or_are_refused() {
         "{err}"
     );
     assert!(error_for(&with_ns(M::Pod, M::Node), &img).contains("namespace_options.ipc: NODE"));
-    let err = error_for(&with_ns(M::Target, M::Pod), &img);
-    assert!(
-        err.contains("TARGET") && err.contains("not supported yet"),
-        "{err}"
-    );
+    // TARGET: the target's id goes to the agent; without one it is refused.
     let err = match agent_request(&input(&with_ns(M::Target, M::Pod), &img)) {
-        Err(e @ SpecError::Unsupported { .. }) => e.to_string(),
+        Err(e @ SpecError::Invalid { .. }) => e.to_string(),
         other => panic!("{other:?}"),
     };
-    assert!(err.contains("pid"));
+    assert!(
+        err.starts_with("linux.security_context.namespace_options.target_id: pid mode TARGET"),
+        "{err}"
+    );
+    let c = with_sc(|sc| {
+        sc.namespace_options = Some(NamespaceOption {
+            pid: M::Target as i32,
+            ipc: M::Pod as i32,
+            target_id: "abc".into(),
+            ..Default::default()
+        })
+    });
+    assert_eq!(pid_target(&c), "abc");
+    let (req, _) = request(&input(&c, &img));
+    assert_eq!(req.pid_mode, NamespaceMode::Target as i32);
+    assert_eq!(req.pid_target_container_id, "abc");
+    let (req, _) = request(&input(&config(), &img));
+    assert_eq!(req.pid_target_container_id, "");
+    assert_eq!(pid_target(&config()), "");
+    assert!(error_for(&with_ns(M::Pod, M::Target), &img).contains("only defined for the pid"));
     let c = with_sc(|sc| {
         sc.namespace_options = Some(NamespaceOption {
             network: M::Node as i32,
