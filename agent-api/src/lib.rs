@@ -11,7 +11,7 @@ pub mod v1 {
 pub mod port_forward;
 
 /// The newest agent API revision this build speaks.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 
 /// The oldest agent API revision this build still serves.
 pub const MIN_API_VERSION: u32 = 1;
@@ -32,6 +32,10 @@ pub const PORT_FORWARD_VSOCK_PORT: u32 = 1026;
 
 /// The first agent API revision serving [`PORT_FORWARD_VSOCK_PORT`].
 pub const PORT_FORWARD_API_VERSION: u32 = 3;
+
+/// The first agent API revision that knows `NAMESPACE_MODE_TARGET` (a
+/// container joining another's pid namespace).
+pub const PID_TARGET_API_VERSION: u32 = 4;
 
 /// Where the agent writes the pod's DNS and host files (SetupSandbox).
 pub const SANDBOX_FILES_DIR: &str = "/run/carapace/sandbox";

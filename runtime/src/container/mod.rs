@@ -311,6 +311,28 @@ impl Containers {
                 },
             )
         };
+        if !spec::pid_target(config).is_empty() {
+            // An agent older than pid mode TARGET would refuse it as an
+            // unknown mode; say why instead.
+            let health = agent
+                .clone()
+                .health()
+                .await
+                .map_err(|e| SandboxError::NotReady {
+                    id: new.sandbox_id.clone(),
+                    reason: format!("cannot reach the agent: {e}"),
+                })?;
+            let needed = carapace_agent_api::PID_TARGET_API_VERSION;
+            if health.api_version < needed {
+                return Err(SandboxError::AgentTooOld {
+                    id: new.sandbox_id.clone(),
+                    what: "pid mode TARGET",
+                    version: health.api_version,
+                    needed,
+                }
+                .into());
+            }
+        }
         let resolved = self.store.resolve(&image).map_err(|e| {
             ContainerError::NotFound(format!(
                 "image {image:?} is not present: {e} (pull it first)"
