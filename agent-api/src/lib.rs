@@ -37,6 +37,10 @@ pub const PORT_FORWARD_API_VERSION: u32 = 3;
 /// container joining another's pid namespace).
 pub const PID_TARGET_API_VERSION: u32 = 4;
 
+/// The first agent API revision that sets a process's `group` (older ones
+/// ignore the field).
+pub const GROUP_API_VERSION: u32 = 4;
+
 /// Where the agent writes the pod's DNS and host files (SetupSandbox).
 pub const SANDBOX_FILES_DIR: &str = "/run/carapace/sandbox";
 

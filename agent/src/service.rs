@@ -131,7 +131,7 @@ impl Agent for AgentService {
             .create(
                 &req.container_id,
                 &req.oci_spec_json,
-                UserSource::from_request(&req.username, req.gid_from_passwd),
+                UserSource::from_request(&req.username, req.gid_from_passwd, &req.group),
                 pid_mode,
                 ipc_mode,
                 req.stdin,
@@ -165,7 +165,7 @@ impl Agent for AgentService {
                 &req.container_id,
                 &req.exec_id,
                 &req.oci_process_json,
-                UserSource::from_request(&req.username, req.gid_from_passwd),
+                UserSource::from_request(&req.username, req.gid_from_passwd, &req.group),
                 req.stdin,
             )
             .await

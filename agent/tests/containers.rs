@@ -253,6 +253,57 @@ async fn username_is_resolved_from_the_containers_passwd() {
 }
 
 #[tokio::test]
+async fn a_group_by_name_or_number_sets_the_primary_gid() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let rootfs = busybox_rootfs(agent.dir.path());
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nsvc:x:1234:2345:Svc:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        rootfs.join("etc/group"),
+        "root:x:0:\nsvc:x:2345:\nstaff:x:50:svc\naudio:x:63:\n",
+    )
+    .unwrap();
+    // (container, username, group) -> Uid, Gid and Groups of the process.
+    let cases = [
+        ("name-name", "svc", "audio", "1234", "63", "50"),
+        ("name-number", "svc", "77", "1234", "77", "50"),
+        ("uid-name", "", "audio", "4321", "63", ""),
+    ];
+    for (id, username, group, uid, gid, groups) in cases {
+        let mut s = spec(&rootfs, &["cat", "/proc/self/status"]);
+        s["process"]["user"] = json!({"uid": 4321, "gid": 0});
+        let req = CreateContainerRequest {
+            username: username.into(),
+            group: group.into(),
+            ..create_req(id, &s)
+        };
+        let (out, status) = run(&mut c, req).await;
+        assert_eq!(status.exit_code, 0, "{id}: {}", out.stderr());
+        let st = out.stdout();
+        let field = |name| {
+            status_field(&st, name)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(field("Uid"), [uid; 4], "{id}");
+        assert_eq!(field("Gid"), [gid; 4], "{id}");
+        assert_eq!(status_field(&st, "Groups"), groups, "{id}");
+        delete(&mut c, id).await;
+    }
+    // A group the container does not have: the create fails, naming it.
+    let req = CreateContainerRequest {
+        group: "ghosts".into(),
+        ..create_req("no-group", &spec(&rootfs, &["true"]))
+    };
+    let err = c.create_container(req).await.unwrap_err();
+    assert!(err.message().contains("\"ghosts\""), "{err}");
+}
+
+#[tokio::test]
 async fn numeric_user_takes_its_gid_from_the_containers_passwd() {
     let agent = Agent::start();
     let mut c = agent.client().await;

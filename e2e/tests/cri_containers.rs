@@ -758,8 +758,8 @@ async fn exec(cri: &mut cri::Cri, id: &str, cmd: &[&str]) -> ExecSyncResponse {
 /// What containerd gives the containers of a pod and carapace must too:
 /// one `/dev/shm` for those in the pod's IPC namespace (the sandbox's
 /// 64 MiB tmpfs, so POSIX shared memory works between them), a numeric
-/// user without a group running with its `/etc/passwd` gid, and an
-/// ephemeral container sharing its target's processes.
+/// user without a group running with its `/etc/passwd` gid, a user name
+/// with a group, and an ephemeral container sharing its target's processes.
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_dev_shm_is_shared_and_a_numeric_user_gets_its_passwd_gid() {
     let daemon = Daemon::start_with_busybox().await;
@@ -807,6 +807,26 @@ async fn pod_dev_shm_is_shared_and_a_numeric_user_gets_its_passwd_gid() {
         String::from_utf8_lossy(&out.stdout).starts_with(nobody),
         "{out:?}"
     );
+
+    // A user name with a group (CRI run_as_username and run_as_group): the
+    // agent resolves the name and sets the group, for execs too.
+    let grouped_config = secured(
+        busybox(
+            "grouped",
+            &["sh", "-c", "id -u; id -g; exec sleep 100000"],
+            "grouped.log",
+        ),
+        LinuxContainerSecurityContext {
+            run_as_username: "nobody".into(),
+            run_as_group: Some(Int64Value { value: 29 }),
+            ..Default::default()
+        },
+    );
+    let grouped = create_running(&mut cri, &pod, grouped_config, &pod_config).await;
+    let log = wait_log(&logs.path().join("grouped.log"), "F 29").await;
+    assert_eq!(entries(&log, "stdout")[..2], ["65534", "29"], "{log}");
+    let out = exec(&mut cri, &grouped, &["id", "-g"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "29\n", "{out:?}");
 
     // /dev/shm: written in a, read in b, and the other way round (b is not
     // root: the tmpfs is world-writable).

@@ -474,7 +474,7 @@ impl Manager {
         let config = InitConfig {
             kind: InitKind::PodHolder,
             process: None,
-            user: user::UserSource::Ids,
+            user: user::UserSource::default(),
             cgroup_procs: None,
             join: Vec::new(),
             unshare: vec![Ns::Pid, Ns::Ipc],

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub enum UserError {
     #[error("user {0:?} not found in the container's /etc/passwd")]
     NotFound(String),
+    #[error("group {0:?} not found in the container's /etc/group")]
+    GroupNotFound(String),
     #[error("cannot read the container's {path}: {source}")]
     Read {
         path: &'static str,
@@ -43,6 +45,16 @@ pub fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
             })
         })
         .collect()
+}
+
+/// The gid of the group called `name` in `/etc/group` text.
+pub fn group_gid(text: &str, name: &str) -> Option<u32> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() >= 3 && f[0] == name).then(|| f[2].parse().ok())?
+        })
 }
 
 /// The gids of the groups in `/etc/group` text that list `user` as a member.
@@ -82,10 +94,19 @@ pub struct ResolvedUser {
 }
 
 /// What decides the process's uid and primary gid, besides the numeric
-/// ids of its OCI `process.user` (a request's `username` and
-/// `gid_from_passwd`).
+/// ids of its OCI `process.user`: a request's `username`,
+/// `gid_from_passwd` and `group`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum UserSource {
+pub struct UserSource {
+    pub user: UserKind,
+    /// A decimal gid or a group name of the container's /etc/group: the
+    /// primary gid, whatever `user` gave.
+    pub group: Option<String>,
+}
+
+/// How the uid (and a first primary gid) are found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserKind {
     /// `process.user.uid` and `gid` as given.
     #[default]
     Ids,
@@ -98,15 +119,19 @@ pub enum UserSource {
 }
 
 impl UserSource {
-    /// From a request's `username` (empty: none) and `gid_from_passwd`; a
-    /// name already brings its primary gid.
-    pub fn from_request(username: &str, gid_from_passwd: bool) -> UserSource {
-        if !username.is_empty() {
-            UserSource::Name(username.to_owned())
+    /// From a request's `username` (empty: none), `gid_from_passwd` and
+    /// `group` (empty: none); a name already brings its primary gid.
+    pub fn from_request(username: &str, gid_from_passwd: bool, group: &str) -> UserSource {
+        let user = if !username.is_empty() {
+            UserKind::Name(username.to_owned())
         } else if gid_from_passwd {
-            UserSource::UidWithPasswdGid
+            UserKind::UidWithPasswdGid
         } else {
-            UserSource::Ids
+            UserKind::Ids
+        };
+        UserSource {
+            user,
+            group: (!group.is_empty()).then(|| group.to_owned()),
         }
     }
 }
@@ -122,22 +147,29 @@ pub fn resolve(
     additional_gids: &[u32],
 ) -> Result<ResolvedUser, UserError> {
     let passwd = parse_passwd(&read_optional(root, "/etc/passwd")?);
-    let entry = match source {
-        UserSource::Name(name) => Some(
+    let entry = match &source.user {
+        UserKind::Name(name) => Some(
             passwd
                 .iter()
                 .find(|e| &e.name == name)
                 .ok_or_else(|| UserError::NotFound(name.clone()))?,
         ),
-        UserSource::Ids | UserSource::UidWithPasswdGid => passwd.iter().find(|e| e.uid == uid),
+        UserKind::Ids | UserKind::UidWithPasswdGid => passwd.iter().find(|e| e.uid == uid),
     };
-    let (uid, gid) = match (source, entry) {
-        (UserSource::Name(_) | UserSource::UidWithPasswdGid, Some(e)) => (e.uid, e.gid),
+    let (uid, mut gid) = match (&source.user, entry) {
+        (UserKind::Name(_) | UserKind::UidWithPasswdGid, Some(e)) => (e.uid, e.gid),
         _ => (uid, gid),
     };
+    let group_text = read_optional(root, "/etc/group")?;
+    if let Some(group) = &source.group {
+        gid = match group.parse() {
+            Ok(number) => number,
+            Err(_) => group_gid(&group_text, group)
+                .ok_or_else(|| UserError::GroupNotFound(group.clone()))?,
+        };
+    }
     let mut groups = additional_gids.to_vec();
     if let Some(e) = entry {
-        let group_text = read_optional(root, "/etc/group")?;
         for g in member_gids(&group_text, &e.name) {
             if !groups.contains(&g) {
                 groups.push(g);
@@ -193,7 +225,14 @@ mod tests {
     }
 
     fn name(n: &str) -> UserSource {
-        UserSource::Name(n.into())
+        UserSource {
+            user: UserKind::Name(n.into()),
+            group: None,
+        }
+    }
+
+    fn ids() -> UserSource {
+        UserSource::default()
     }
 
     #[test]
@@ -214,10 +253,10 @@ mod tests {
     #[test]
     fn numeric_user_keeps_ids_and_finds_home() {
         let root = root_with(PASSWD, GROUP);
-        let user = resolve(root.path(), &UserSource::Ids, 1000, 7, &[]).unwrap();
+        let user = resolve(root.path(), &ids(), 1000, 7, &[]).unwrap();
         assert_eq!((user.uid, user.gid), (1000, 7));
         assert_eq!(user.home.as_deref(), Some("/home/app"));
-        let unknown = resolve(root.path(), &UserSource::Ids, 4242, 4242, &[]).unwrap();
+        let unknown = resolve(root.path(), &ids(), 4242, 4242, &[]).unwrap();
         assert_eq!(unknown.home, None);
         assert!(unknown.groups.is_empty());
     }
@@ -225,7 +264,10 @@ mod tests {
     #[test]
     fn numeric_user_can_take_its_gid_from_passwd() {
         let root = root_with(PASSWD, GROUP);
-        let source = UserSource::UidWithPasswdGid;
+        let source = UserSource {
+            user: UserKind::UidWithPasswdGid,
+            group: None,
+        };
         let user = resolve(root.path(), &source, 1000, 0, &[5]).unwrap();
         assert_eq!(
             user,
@@ -247,14 +289,48 @@ mod tests {
 
     #[test]
     fn user_source_from_a_request() {
-        assert_eq!(UserSource::from_request("", false), UserSource::Ids);
+        let kind = |s: UserSource| s.user;
+        assert_eq!(kind(UserSource::from_request("", false, "")), UserKind::Ids);
         assert_eq!(
-            UserSource::from_request("", true),
-            UserSource::UidWithPasswdGid
+            kind(UserSource::from_request("", true, "")),
+            UserKind::UidWithPasswdGid
         );
         for flag in [false, true] {
-            assert_eq!(UserSource::from_request("app", flag), name("app"));
+            assert_eq!(UserSource::from_request("app", flag, ""), name("app"));
         }
+        assert_eq!(UserSource::from_request("", false, "").group, None);
+        assert_eq!(
+            UserSource::from_request("app", false, "staff")
+                .group
+                .as_deref(),
+            Some("staff")
+        );
+    }
+
+    #[test]
+    fn a_group_sets_the_primary_gid_by_name_or_number() {
+        let root = root_with(PASSWD, GROUP);
+        // user:group names: the group's gid, the user's memberships kept.
+        let source = UserSource::from_request("app", false, "staff");
+        let user = resolve(root.path(), &source, 0, 0, &[]).unwrap();
+        assert_eq!((user.uid, user.gid, user.groups), (1000, 50, vec![10, 999]));
+        // A name with a numeric group.
+        let source = UserSource::from_request("app", false, "7");
+        assert_eq!(resolve(root.path(), &source, 0, 0, &[]).unwrap().gid, 7);
+        // A uid with a group name.
+        let source = UserSource::from_request("", false, "wheel");
+        let user = resolve(root.path(), &source, 4242, 0, &[]).unwrap();
+        assert_eq!((user.uid, user.gid), (4242, 10));
+        // An unknown group is an error naming it.
+        let source = UserSource::from_request("app", false, "ghosts");
+        let err = resolve(root.path(), &source, 0, 0, &[]).unwrap_err();
+        assert!(
+            matches!(&err, UserError::GroupNotFound(g) if g == "ghosts"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/etc/group"), "{err}");
+        assert_eq!(group_gid(GROUP, "docker"), Some(999));
+        assert_eq!(group_gid("bad:x:nan:\n", "bad"), None);
     }
 
     #[test]

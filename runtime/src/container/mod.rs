@@ -156,6 +156,50 @@ pub struct Containers {
     fanout: stream::OutputFanout,
 }
 
+/// What `request` asks of the agent that older revisions do not know
+/// (they would refuse it as unknown, or ignore it): the pod's agent is
+/// asked its revision first, and a too old one is an error saying so.
+async fn require_agent_revision(
+    agent: &AgentClient,
+    sandbox_id: &str,
+    request: &carapace_agent_api::v1::CreateContainerRequest,
+) -> Result<(), ContainerError> {
+    use carapace_agent_api::v1::NamespaceMode;
+    let needs = [
+        (
+            request.pid_mode == NamespaceMode::Target as i32,
+            carapace_agent_api::PID_TARGET_API_VERSION,
+            "pid mode TARGET",
+        ),
+        (
+            !request.group.is_empty(),
+            carapace_agent_api::GROUP_API_VERSION,
+            "a process group the agent resolves",
+        ),
+    ];
+    let Some((_, needed, what)) = needs.into_iter().filter(|n| n.0).max_by_key(|n| n.1) else {
+        return Ok(());
+    };
+    let health = agent
+        .clone()
+        .health()
+        .await
+        .map_err(|e| SandboxError::NotReady {
+            id: sandbox_id.to_owned(),
+            reason: format!("cannot reach the agent: {e}"),
+        })?;
+    if health.api_version < needed {
+        return Err(SandboxError::AgentTooOld {
+            id: sandbox_id.to_owned(),
+            what,
+            version: health.api_version,
+            needed,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 fn agent_err(status: tonic::Status) -> ContainerError {
     ContainerError::Agent(status)
 }
@@ -311,28 +355,6 @@ impl Containers {
                 },
             )
         };
-        if !spec::pid_target(config).is_empty() {
-            // An agent older than pid mode TARGET would refuse it as an
-            // unknown mode; say why instead.
-            let health = agent
-                .clone()
-                .health()
-                .await
-                .map_err(|e| SandboxError::NotReady {
-                    id: new.sandbox_id.clone(),
-                    reason: format!("cannot reach the agent: {e}"),
-                })?;
-            let needed = carapace_agent_api::PID_TARGET_API_VERSION;
-            if health.api_version < needed {
-                return Err(SandboxError::AgentTooOld {
-                    id: new.sandbox_id.clone(),
-                    what: "pid mode TARGET",
-                    version: health.api_version,
-                    needed,
-                }
-                .into());
-            }
-        }
         let resolved = self.store.resolve(&image).map_err(|e| {
             ContainerError::NotFound(format!(
                 "image {image:?} is not present: {e} (pull it first)"
@@ -399,6 +421,7 @@ impl Containers {
             process_json: String::new(),
             username: String::new(),
             gid_from_passwd: false,
+            group: String::new(),
             stop_signal: parse_signal(&resolved.record.config.stop_signal).unwrap_or(SIGTERM),
         };
         let pod = PodContext {
@@ -505,9 +528,11 @@ impl Containers {
                 pod_hostname: pod.hostname.clone(),
                 pod_sysctls: pod.sysctls.clone(),
             })?;
+            require_agent_revision(agent, &record.sandbox_id, &request).await?;
             record.gid_from_passwd = request.gid_from_passwd;
             record.process_json = process_of(&request)?;
             record.username = request.username.clone();
+            record.group = request.group.clone();
             let host_ms = began.elapsed().as_millis() as u64;
             agent
                 .rpc()

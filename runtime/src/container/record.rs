@@ -67,6 +67,10 @@ pub struct ContainerRecord {
     /// (a numeric user without a group); execs ask for the same.
     #[serde(default)]
     pub gid_from_passwd: bool,
+    /// The group the agent sets (a name or a decimal gid), when the spec
+    /// has one it must resolve; execs ask for the same.
+    #[serde(default)]
+    pub group: String,
     /// The signal that stops it (the image's StopSignal), as a number.
     pub stop_signal: u32,
 }

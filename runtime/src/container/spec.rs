@@ -15,15 +15,17 @@
 //!   earlier one in place, an image entry without `=` removes the key.
 //! - **cwd**: `working_dir`, else the image's WorkingDir, else `/`.
 //! - **user**: `run_as_username` or `run_as_user` (+ `run_as_group`), else
-//!   the image's User (`uid`, `uid:gid`, `name`); a name is resolved by
-//!   the agent in the container's `/etc/passwd`, and so is the gid of a
-//!   numeric uid without a group (`gid_from_passwd`: the gid of the uid's
-//!   entry, 0 without one; no user at all is 0:0, looked up nowhere);
-//!   `supplemental_groups` become additional gids (sorted, deduplicated),
-//!   and the agent adds the user's `/etc/group` memberships. The host never
-//!   reads the image's `/etc/passwd` (its symlinks are the image's). Not
-//!   yet expressible to the agent, so refused: a user name with an explicit
-//!   group, a group name, `supplemental_groups_policy: Strict`.
+//!   the image's User (`uid`, `uid:gid`, `name`, `name:gid`, `uid:group`,
+//!   `name:group`); a name is resolved by the agent in the container's
+//!   `/etc/passwd`, and so is the gid of a numeric uid without a group
+//!   (`gid_from_passwd`: the gid of the uid's entry, 0 without one; no user
+//!   at all is 0:0, looked up nowhere); a group name, or a gid beside a
+//!   user name, is the agent's to set after the user (`group`, a name in
+//!   the container's `/etc/group`); `supplemental_groups` become additional
+//!   gids (sorted, deduplicated), and the agent adds the user's
+//!   `/etc/group` memberships. The host never reads the image's
+//!   `/etc/passwd` (its symlinks are the image's). Not yet expressible to
+//!   the agent, so refused: `supplemental_groups_policy: Strict`.
 //! - **capabilities**: containerd's 14 defaults, then `add` (`ALL` first),
 //!   then `drop` (`ALL` first); bounding = effective = permitted, for root
 //!   and non-root alike (as containerd, unlike Docker, does); inheritable
@@ -408,6 +410,7 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
         oci_spec_json,
         username: user.username.unwrap_or_default(),
         gid_from_passwd: user.gid_from_passwd,
+        group: user.group.unwrap_or_default(),
         pid_mode: pid_mode as i32,
         ipc_mode: ipc_mode as i32,
         stdin: config.stdin,

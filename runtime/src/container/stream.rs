@@ -119,7 +119,7 @@ impl Containers {
             return Err(ContainerError::InvalidArgument("exec cmd is empty".into()));
         }
         let entry = self.entry(id)?;
-        let (sandbox_id, process_json, username, gid_from_passwd) = {
+        let (sandbox_id, process_json, username, gid_from_passwd, group) = {
             let r = entry.record.lock().await;
             if r.state != ContainerState::Running {
                 return Err(ContainerError::FailedPrecondition(format!(
@@ -131,6 +131,7 @@ impl Containers {
                 r.process_json.clone(),
                 r.username.clone(),
                 r.gid_from_passwd,
+                r.group.clone(),
             )
         };
         let mut process: serde_json::Value =
@@ -155,6 +156,7 @@ impl Containers {
                 oci_process_json: process.to_string(),
                 username,
                 gid_from_passwd,
+                group,
                 stdin: spec.stdin,
             })
             .await

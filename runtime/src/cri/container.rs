@@ -346,6 +346,7 @@ mod tests {
             process_json: "{}".into(),
             username: String::new(),
             gid_from_passwd: false,
+            group: String::new(),
             stop_signal: 15,
         }
     }

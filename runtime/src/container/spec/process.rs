@@ -132,8 +132,9 @@ pub(super) fn working_dir(
     Ok(dir.to_owned())
 }
 
-/// Who the process runs as: numeric ids go into the spec, a user name to
-/// the agent (which resolves it in the container's /etc/passwd).
+/// Who the process runs as: numeric ids go into the spec, a user name and
+/// a group to the agent (which resolves them in the container's
+/// /etc/passwd and /etc/group).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct ProcessUser {
     pub uid: u32,
@@ -142,6 +143,9 @@ pub(super) struct ProcessUser {
     /// A numeric uid without a group: the agent takes the gid from the
     /// uid's entry in the container's /etc/passwd (`gid`, 0, without one).
     pub gid_from_passwd: bool,
+    /// The primary group the agent sets after the user is known: a group
+    /// name, or the decimal gid that goes with a user name.
+    pub group: Option<String>,
     pub additional_gids: Vec<u32>,
 }
 
@@ -183,56 +187,42 @@ pub(super) fn user(
         .map(|g| id_from_i64(GID, g.value).map(Id::Number))
         .transpose()?;
     // containerd's order: the CRI user name, the CRI uid, the image's User.
-    let (field, user, group) = if !sc.run_as_username.is_empty() {
+    let (user, group) = if !sc.run_as_username.is_empty() {
         if sc.run_as_user.is_some() {
             return Err(invalid(
                 USERNAME,
                 "run_as_user and run_as_username are mutually exclusive",
             ));
         }
-        (
-            USERNAME,
-            parse_id(USERNAME, &sc.run_as_username)?,
-            run_as_group,
-        )
+        (parse_id(USERNAME, &sc.run_as_username)?, run_as_group)
     } else if let Some(uid) = &sc.run_as_user {
-        (UID, Id::Number(id_from_i64(UID, uid.value)?), run_as_group)
+        (Id::Number(id_from_i64(UID, uid.value)?), run_as_group)
     } else if run_as_group.is_some() {
         return Err(invalid(GID, "needs run_as_user or run_as_username"));
     } else if image.user.is_empty() {
         // No user at all is root with gid 0, looked up nowhere.
-        (IMAGE, Id::Number(0), Some(Id::Number(0)))
+        (Id::Number(0), Some(Id::Number(0)))
     } else {
         match image.user.split_once(':') {
-            Some((u, g)) => (IMAGE, parse_id(IMAGE, u)?, Some(parse_id(IMAGE, g)?)),
-            None => (IMAGE, parse_id(IMAGE, &image.user)?, None),
+            Some((u, g)) => (parse_id(IMAGE, u)?, Some(parse_id(IMAGE, g)?)),
+            None => (parse_id(IMAGE, &image.user)?, None),
         }
     };
     // A numeric uid alone takes the gid of its /etc/passwd entry, 0 without
     // one (containerd's `WithUserID`); the agent reads the container's
     // passwd, which the host must not (its symlinks are the image's).
-    let (uid, gid, username, gid_from_passwd) = match (user, group) {
-        (Id::Number(uid), None) => (uid, 0, None, true),
-        (Id::Number(uid), Some(Id::Number(gid))) => (uid, gid, None, false),
-        (Id::Name(name), None) => (0, 0, Some(name), false),
+    // A named user's primary gid comes from the container's /etc/passwd,
+    // so a group beside it is the agent's to set, and a group name always
+    // is (in its /etc/group).
+    let (uid, gid, username, gid_from_passwd, group) = match (user, group) {
+        (Id::Number(uid), None) => (uid, 0, None, true, None),
+        (Id::Number(uid), Some(Id::Number(gid))) => (uid, gid, None, false, None),
+        (Id::Name(name), None) => (0, 0, Some(name), false, None),
         (Id::Name(name), Some(Id::Number(gid))) => {
-            return Err(unsupported(
-                field,
-                format!(
-                    "user name {name:?} with group {gid} is not supported yet: the agent takes \
-                     the primary group of a named user from the container's /etc/passwd"
-                ),
-            ))
+            (0, gid, Some(name), false, Some(gid.to_string()))
         }
-        (_, Some(Id::Name(group))) => {
-            return Err(unsupported(
-                field,
-                format!(
-                    "group name {group:?} is not supported yet: the agent resolves user names \
-                     only; use a numeric group"
-                ),
-            ))
-        }
+        (Id::Number(uid), Some(Id::Name(group))) => (uid, 0, None, false, Some(group)),
+        (Id::Name(name), Some(Id::Name(group))) => (0, 0, Some(name), false, Some(group)),
     };
     if sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32 {
         return Err(unsupported(
@@ -252,6 +242,7 @@ pub(super) fn user(
         gid,
         username,
         gid_from_passwd,
+        group,
         additional_gids: additional_gids.into_iter().collect(),
     })
 }

@@ -167,7 +167,16 @@ fn ids(uid: u32, gid: u32, username: Option<&str>) -> ProcessUser {
         gid,
         username: username.map(str::to_owned),
         gid_from_passwd: false,
+        group: None,
         additional_gids: Vec::new(),
+    }
+}
+
+/// `ids` with a group for the agent to set.
+fn with_group(user: ProcessUser, group: &str) -> ProcessUser {
+    ProcessUser {
+        group: Some(group.into()),
+        ..user
     }
 }
 
@@ -187,14 +196,19 @@ fn image_user_strings() {
     assert_eq!(user_of(&c, "0").unwrap(), uid_only(0));
     assert_eq!(user_of(&c, "1000:2000").unwrap(), ids(1000, 2000, None));
     assert_eq!(user_of(&c, "nginx").unwrap(), ids(0, 0, Some("nginx")));
-    // What the agent cannot express yet is refused, not approximated.
-    let err = user_of(&c, "nginx:101").unwrap_err();
-    assert!(
-        err.starts_with("image config User: user name \"nginx\" with group 101"),
-        "{err}"
+    // A group beside a user name, or a group name: the agent sets it.
+    assert_eq!(
+        user_of(&c, "nginx:101").unwrap(),
+        with_group(ids(0, 101, Some("nginx")), "101")
     );
-    let err = user_of(&c, "1000:staff").unwrap_err();
-    assert!(err.contains("group name \"staff\""), "{err}");
+    assert_eq!(
+        user_of(&c, "1000:staff").unwrap(),
+        with_group(ids(1000, 0, None), "staff")
+    );
+    assert_eq!(
+        user_of(&c, "app:staff").unwrap(),
+        with_group(ids(0, 0, Some("app")), "staff")
+    );
     for bad in [":1", "1:", "4294967296", "a/b", "1:2:3"] {
         assert!(
             user_of(&c, bad)
@@ -223,7 +237,10 @@ fn cri_user_overrides_the_image() {
         sc.run_as_username = "app".into();
         sc.run_as_group = Some(Int64Value { value: 3000 });
     });
-    assert!(user_of(&c, "").unwrap_err().contains("not supported yet"));
+    assert_eq!(
+        user_of(&c, "").unwrap(),
+        with_group(ids(0, 3000, Some("app")), "3000")
+    );
 
     let c = with_sc(|sc| sc.run_as_group = Some(Int64Value { value: 3000 }));
     let err = user_of(&c, "1000").unwrap_err();
@@ -270,7 +287,17 @@ fn user_lands_in_spec_and_request() {
     let (req, spec) = request(&input(&config(), &img));
     assert_eq!(req.username, "nginx");
     assert!(!req.gid_from_passwd);
+    assert_eq!(req.group, "");
     assert_eq!(spec["process"]["user"]["uid"], 0);
+    let img = ImageConfig {
+        user: "nginx:www".into(),
+        ..image()
+    };
+    let (req, _) = request(&input(&config(), &img));
+    assert_eq!(
+        (req.username.as_str(), req.group.as_str()),
+        ("nginx", "www")
+    );
 
     // A uid alone: gid 0 in the spec, and the agent asked to replace it
     // with the gid of the uid's /etc/passwd entry.
