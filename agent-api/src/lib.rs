@@ -37,8 +37,8 @@ pub const PORT_FORWARD_API_VERSION: u32 = 3;
 /// container joining another's pid namespace).
 pub const PID_TARGET_API_VERSION: u32 = 4;
 
-/// The first agent API revision that sets a process's `group` (older ones
-/// ignore the field).
+/// The first agent API revision that sets a process's `group` and honours
+/// `strict_supplemental_groups` (older ones ignore both fields).
 pub const GROUP_API_VERSION: u32 = 4;
 
 /// Where the agent writes the pod's DNS and host files (SetupSandbox).

@@ -131,15 +131,30 @@ impl Agent for AgentService {
             .create(
                 &req.container_id,
                 &req.oci_spec_json,
-                UserSource::from_request(&req.username, req.gid_from_passwd, &req.group),
+                UserSource::from_request(
+                    &req.username,
+                    req.gid_from_passwd,
+                    &req.group,
+                    req.strict_supplemental_groups,
+                ),
                 pid_mode,
                 ipc_mode,
                 req.stdin,
             )
             .await
             .map_err(status)?;
+        // The process is set up and waits for StartContainer: its identity
+        // is the one it will run with.
+        let identity = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| crate::container::user::identity_in_status(&s));
+        let (uid, gid, groups) = identity.clone().unwrap_or_default();
         Ok(Response::new(CreateContainerResponse {
             pid: u32::try_from(pid).unwrap_or(0),
+            identity_known: identity.is_some(),
+            uid,
+            gid,
+            groups,
         }))
     }
 
@@ -165,7 +180,12 @@ impl Agent for AgentService {
                 &req.container_id,
                 &req.exec_id,
                 &req.oci_process_json,
-                UserSource::from_request(&req.username, req.gid_from_passwd, &req.group),
+                UserSource::from_request(
+                    &req.username,
+                    req.gid_from_passwd,
+                    &req.group,
+                    req.strict_supplemental_groups,
+                ),
                 req.stdin,
             )
             .await

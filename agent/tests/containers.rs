@@ -301,6 +301,23 @@ async fn a_group_by_name_or_number_sets_the_primary_gid() {
     };
     let err = c.create_container(req).await.unwrap_err();
     assert!(err.message().contains("\"ghosts\""), "{err}");
+
+    // Strict supplementary groups: the requested ones, not svc's staff
+    // membership; the created process's identity comes back.
+    let mut s = spec(&rootfs, &["true"]);
+    s["process"]["user"] = json!({"uid": 0, "gid": 0, "additionalGids": [7]});
+    let req = CreateContainerRequest {
+        username: "svc".into(),
+        strict_supplemental_groups: true,
+        ..create_req("strict", &s)
+    };
+    let created = c.create_container(req).await.unwrap().into_inner();
+    assert!(created.identity_known);
+    assert_eq!(
+        (created.uid, created.gid, created.groups),
+        (1234, 2345, vec![7])
+    );
+    delete(&mut c, "strict").await;
 }
 
 #[tokio::test]

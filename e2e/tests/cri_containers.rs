@@ -14,7 +14,7 @@ use k8s_cri::v1::{
     ListContainersRequest, ListMetricDescriptorsRequest, ListPodSandboxMetricsRequest, Mount,
     NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxStatsRequest,
     RemoveContainerRequest, RemovePodSandboxRequest, ReopenContainerLogRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, SupplementalGroupsPolicy,
 };
 use tonic::Code;
 
@@ -827,6 +827,51 @@ async fn pod_dev_shm_is_shared_and_a_numeric_user_gets_its_passwd_gid() {
     assert_eq!(entries(&log, "stdout")[..2], ["65534", "29"], "{log}");
     let out = exec(&mut cri, &grouped, &["id", "-g"]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "29\n", "{out:?}");
+    let linux_user = |s: k8s_cri::v1::ContainerStatus| {
+        let u = s.user.expect("ContainerStatus.user").linux.unwrap();
+        (u.uid, u.gid, u.supplemental_groups)
+    };
+    assert_eq!(
+        linux_user(status(&mut cri, &grouped).await),
+        (65534, 29, vec![])
+    );
+
+    // SupplementalGroupsPolicy: with Merge (the default) the user's
+    // /etc/group memberships are added to the requested groups, with
+    // Strict they are not. The image's /etc/group lists none, so a
+    // volume gives root one.
+    let group_file = logs.path().join("group");
+    std::fs::write(&group_file, "root:x:0:\nstaff:x:50:root\n").unwrap();
+    let with_policy = |name: &str, policy: SupplementalGroupsPolicy| ContainerConfig {
+        mounts: vec![Mount {
+            container_path: "/etc/group".into(),
+            host_path: group_file.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        }],
+        ..secured(
+            busybox(name, &["sleep", "100000"], ""),
+            LinuxContainerSecurityContext {
+                run_as_user: Some(Int64Value { value: 0 }),
+                supplemental_groups: vec![7],
+                supplemental_groups_policy: policy as i32,
+                ..Default::default()
+            },
+        )
+    };
+    let merge = with_policy("merge", SupplementalGroupsPolicy::Merge);
+    let merge = create_running(&mut cri, &pod, merge, &pod_config).await;
+    let strict = with_policy("strict", SupplementalGroupsPolicy::Strict);
+    let strict = create_running(&mut cri, &pod, strict, &pod_config).await;
+    assert_eq!(
+        linux_user(status(&mut cri, &merge).await),
+        (0, 0, vec![7, 50])
+    );
+    assert_eq!(linux_user(status(&mut cri, &strict).await), (0, 0, vec![7]));
+    for (id, want) in [(&merge, "0 7 50\n"), (&strict, "0 7\n")] {
+        let out = exec(&mut cri, id, &["id", "-G"]).await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{out:?}");
+    }
 
     // /dev/shm: written in a, read in b, and the other way round (b is not
     // root: the tmpfs is world-writable).

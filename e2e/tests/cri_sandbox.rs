@@ -99,6 +99,15 @@ async fn pod_lifecycle_restart_and_cleanup() {
         .await
         .unwrap()
         .into_inner();
+    // Kubelet admits pods with supplementalGroupsPolicy Strict only on a
+    // runtime that says it supports it.
+    assert_eq!(
+        status
+            .features
+            .as_ref()
+            .map(|f| f.supplemental_groups_policy),
+        Some(true)
+    );
     let conditions: HashMap<String, bool> = status
         .status
         .unwrap()

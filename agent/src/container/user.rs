@@ -82,6 +82,24 @@ fn read_optional(root: &Path, path: &'static str) -> Result<String, UserError> {
     }
 }
 
+/// The real uid, real gid and supplementary groups in a
+/// `/proc/<pid>/status` text.
+pub fn identity_in_status(status: &str) -> Option<(u32, u32, Vec<u32>)> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let first = |name: &str| field(name)?.split_whitespace().next()?.parse().ok();
+    let groups = field("Groups")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some((first("Uid")?, first("Gid")?, groups))
+}
+
 /// What the process runs as, after resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedUser {
@@ -102,6 +120,9 @@ pub struct UserSource {
     /// A decimal gid or a group name of the container's /etc/group: the
     /// primary gid, whatever `user` gave.
     pub group: Option<String>,
+    /// Only the requested supplementary groups, not the user's
+    /// memberships in /etc/group (CRI SupplementalGroupsPolicy Strict).
+    pub strict_groups: bool,
 }
 
 /// How the uid (and a first primary gid) are found.
@@ -121,7 +142,12 @@ pub enum UserKind {
 impl UserSource {
     /// From a request's `username` (empty: none), `gid_from_passwd` and
     /// `group` (empty: none); a name already brings its primary gid.
-    pub fn from_request(username: &str, gid_from_passwd: bool, group: &str) -> UserSource {
+    pub fn from_request(
+        username: &str,
+        gid_from_passwd: bool,
+        group: &str,
+        strict_groups: bool,
+    ) -> UserSource {
         let user = if !username.is_empty() {
             UserKind::Name(username.to_owned())
         } else if gid_from_passwd {
@@ -132,6 +158,7 @@ impl UserSource {
         UserSource {
             user,
             group: (!group.is_empty()).then(|| group.to_owned()),
+            strict_groups,
         }
     }
 }
@@ -169,7 +196,7 @@ pub fn resolve(
         };
     }
     let mut groups = additional_gids.to_vec();
-    if let Some(e) = entry {
+    if let Some(e) = entry.filter(|_| !source.strict_groups) {
         for g in member_gids(&group_text, &e.name) {
             if !groups.contains(&g) {
                 groups.push(g);
@@ -211,6 +238,20 @@ mod tests {
     }
 
     #[test]
+    fn identity_from_proc_status() {
+        let status = "Name:\tsleep\nUid:\t1000\t1000\t1000\t1000\n\
+                      Gid:\t50\t50\t50\t50\nFDSize:\t64\nGroups:\t5 10 999 \n";
+        assert_eq!(
+            identity_in_status(status),
+            Some((1000, 50, vec![5, 10, 999]))
+        );
+        let none = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
+        assert_eq!(identity_in_status(none), Some((0, 0, vec![])));
+        assert_eq!(identity_in_status("Uid:\tx\nGid:\t0\nGroups:\n"), None);
+        assert_eq!(identity_in_status(""), None);
+    }
+
+    #[test]
     fn finds_group_memberships() {
         assert_eq!(member_gids(GROUP, "app"), vec![10, 999]);
         assert_eq!(member_gids(GROUP, "nobody"), Vec::<u32>::new());
@@ -227,7 +268,7 @@ mod tests {
     fn name(n: &str) -> UserSource {
         UserSource {
             user: UserKind::Name(n.into()),
-            group: None,
+            ..Default::default()
         }
     }
 
@@ -266,7 +307,7 @@ mod tests {
         let root = root_with(PASSWD, GROUP);
         let source = UserSource {
             user: UserKind::UidWithPasswdGid,
-            group: None,
+            ..Default::default()
         };
         let user = resolve(root.path(), &source, 1000, 0, &[5]).unwrap();
         assert_eq!(
@@ -290,17 +331,23 @@ mod tests {
     #[test]
     fn user_source_from_a_request() {
         let kind = |s: UserSource| s.user;
-        assert_eq!(kind(UserSource::from_request("", false, "")), UserKind::Ids);
         assert_eq!(
-            kind(UserSource::from_request("", true, "")),
+            kind(UserSource::from_request("", false, "", false)),
+            UserKind::Ids
+        );
+        assert_eq!(
+            kind(UserSource::from_request("", true, "", false)),
             UserKind::UidWithPasswdGid
         );
         for flag in [false, true] {
-            assert_eq!(UserSource::from_request("app", flag, ""), name("app"));
+            assert_eq!(
+                UserSource::from_request("app", flag, "", false),
+                name("app")
+            );
         }
-        assert_eq!(UserSource::from_request("", false, "").group, None);
+        assert_eq!(UserSource::from_request("", false, "", false).group, None);
         assert_eq!(
-            UserSource::from_request("app", false, "staff")
+            UserSource::from_request("app", false, "staff", false)
                 .group
                 .as_deref(),
             Some("staff")
@@ -311,18 +358,18 @@ mod tests {
     fn a_group_sets_the_primary_gid_by_name_or_number() {
         let root = root_with(PASSWD, GROUP);
         // user:group names: the group's gid, the user's memberships kept.
-        let source = UserSource::from_request("app", false, "staff");
+        let source = UserSource::from_request("app", false, "staff", false);
         let user = resolve(root.path(), &source, 0, 0, &[]).unwrap();
         assert_eq!((user.uid, user.gid, user.groups), (1000, 50, vec![10, 999]));
         // A name with a numeric group.
-        let source = UserSource::from_request("app", false, "7");
+        let source = UserSource::from_request("app", false, "7", false);
         assert_eq!(resolve(root.path(), &source, 0, 0, &[]).unwrap().gid, 7);
         // A uid with a group name.
-        let source = UserSource::from_request("", false, "wheel");
+        let source = UserSource::from_request("", false, "wheel", false);
         let user = resolve(root.path(), &source, 4242, 0, &[]).unwrap();
         assert_eq!((user.uid, user.gid), (4242, 10));
         // An unknown group is an error naming it.
-        let source = UserSource::from_request("app", false, "ghosts");
+        let source = UserSource::from_request("app", false, "ghosts", false);
         let err = resolve(root.path(), &source, 0, 0, &[]).unwrap_err();
         assert!(
             matches!(&err, UserError::GroupNotFound(g) if g == "ghosts"),
@@ -330,6 +377,10 @@ mod tests {
         );
         assert!(err.to_string().contains("/etc/group"), "{err}");
         assert_eq!(group_gid(GROUP, "docker"), Some(999));
+        // Strict: the requested groups only, no memberships.
+        let strict = UserSource::from_request("app", false, "", true);
+        let user = resolve(root.path(), &strict, 0, 0, &[5]).unwrap();
+        assert_eq!((user.uid, user.gid, user.groups), (1000, 1001, vec![5]));
         assert_eq!(group_gid("bad:x:nan:\n", "bad"), None);
     }
 

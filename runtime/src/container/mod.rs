@@ -31,7 +31,7 @@ use carapace_agent_api::v1::{
 use k8s_cri::v1::ContainerConfig;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
 
-pub use record::{ContainerRecord, ContainerState, MountRecord};
+pub use record::{ContainerRecord, ContainerState, MountRecord, ProcessIdentity};
 
 use crate::agent_client::AgentClient;
 use crate::config::Config;
@@ -175,6 +175,11 @@ async fn require_agent_revision(
             !request.group.is_empty(),
             carapace_agent_api::GROUP_API_VERSION,
             "a process group the agent resolves",
+        ),
+        (
+            request.strict_supplemental_groups,
+            carapace_agent_api::GROUP_API_VERSION,
+            "supplemental_groups_policy Strict",
         ),
     ];
     let Some((_, needed, what)) = needs.into_iter().filter(|n| n.0).max_by_key(|n| n.1) else {
@@ -422,6 +427,8 @@ impl Containers {
             username: String::new(),
             gid_from_passwd: false,
             group: String::new(),
+            strict_supplemental_groups: false,
+            user: None,
             stop_signal: parse_signal(&resolved.record.config.stop_signal).unwrap_or(SIGTERM),
         };
         let pod = PodContext {
@@ -533,12 +540,19 @@ impl Containers {
             record.process_json = process_of(&request)?;
             record.username = request.username.clone();
             record.group = request.group.clone();
+            record.strict_supplemental_groups = request.strict_supplemental_groups;
             let host_ms = began.elapsed().as_millis() as u64;
-            agent
+            let created = agent
                 .rpc()
                 .create_container(request)
                 .await
-                .map_err(agent_err)?;
+                .map_err(agent_err)?
+                .into_inner();
+            record.user = created.identity_known.then_some(ProcessIdentity {
+                uid: created.uid,
+                gid: created.gid,
+                groups: created.groups,
+            });
             tracing::debug!(
                 id = %record.id,
                 host_ms,

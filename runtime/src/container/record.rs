@@ -25,6 +25,14 @@ pub struct MountRecord {
 }
 
 /// One container, as stored on disk.
+/// A process's uid, primary gid and supplementary groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerRecord {
     pub id: String,
@@ -71,6 +79,12 @@ pub struct ContainerRecord {
     /// has one it must resolve; execs ask for the same.
     #[serde(default)]
     pub group: String,
+    /// SupplementalGroupsPolicy Strict, for execs too.
+    #[serde(default)]
+    pub strict_supplemental_groups: bool,
+    /// The identity the agent gave the container's process, when it said.
+    #[serde(default)]
+    pub user: Option<ProcessIdentity>,
     /// The signal that stops it (the image's StopSignal), as a number.
     pub stop_signal: u32,
 }

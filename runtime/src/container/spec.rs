@@ -24,8 +24,8 @@
 //!   the container's `/etc/group`); `supplemental_groups` become additional
 //!   gids (sorted, deduplicated), and the agent adds the user's
 //!   `/etc/group` memberships. The host never reads the image's
-//!   `/etc/passwd` (its symlinks are the image's). Not yet expressible to
-//!   the agent, so refused: `supplemental_groups_policy: Strict`.
+//!   `/etc/passwd` (its symlinks are the image's);
+//!   `supplemental_groups_policy: Strict` leaves those memberships out.
 //! - **capabilities**: containerd's 14 defaults, then `add` (`ALL` first),
 //!   then `drop` (`ALL` first); bounding = effective = permitted, for root
 //!   and non-root alike (as containerd, unlike Docker, does); inheritable
@@ -411,6 +411,7 @@ pub fn agent_request(input: &SpecInput) -> Result<CreateContainerRequest, SpecEr
         username: user.username.unwrap_or_default(),
         gid_from_passwd: user.gid_from_passwd,
         group: user.group.unwrap_or_default(),
+        strict_supplemental_groups: user.strict_groups,
         pid_mode: pid_mode as i32,
         ipc_mode: ipc_mode as i32,
         stdin: config.stdin,

@@ -119,7 +119,7 @@ impl Containers {
             return Err(ContainerError::InvalidArgument("exec cmd is empty".into()));
         }
         let entry = self.entry(id)?;
-        let (sandbox_id, process_json, username, gid_from_passwd, group) = {
+        let (sandbox_id, process_json, username, gid_from_passwd, group, strict) = {
             let r = entry.record.lock().await;
             if r.state != ContainerState::Running {
                 return Err(ContainerError::FailedPrecondition(format!(
@@ -132,6 +132,7 @@ impl Containers {
                 r.username.clone(),
                 r.gid_from_passwd,
                 r.group.clone(),
+                r.strict_supplemental_groups,
             )
         };
         let mut process: serde_json::Value =
@@ -157,6 +158,7 @@ impl Containers {
                 username,
                 gid_from_passwd,
                 group,
+                strict_supplemental_groups: strict,
                 stdin: spec.stdin,
             })
             .await

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use k8s_cri::v1::{
     Container, ContainerFilter, ContainerMetadata, ContainerState as CriState, ContainerStatus,
-    ContainerStatusResponse, CreateContainerRequest, ExecSyncResponse, ImageSpec,
-    LinuxContainerResources, ListContainersResponse, Mount,
+    ContainerStatusResponse, ContainerUser, CreateContainerRequest, ExecSyncResponse, ImageSpec,
+    LinuxContainerResources, LinuxContainerUser, ListContainersResponse, Mount,
 };
 
 use super::{CriError, CriService};
@@ -304,6 +304,13 @@ pub(super) fn cri_status(r: &ContainerRecord) -> ContainerStatus {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
+        user: r.user.as_ref().map(|u| ContainerUser {
+            linux: Some(LinuxContainerUser {
+                uid: u.uid.into(),
+                gid: u.gid.into(),
+                supplemental_groups: u.groups.iter().map(|&g| g.into()).collect(),
+            }),
+        }),
         ..Default::default()
     }
 }
@@ -347,6 +354,8 @@ mod tests {
             username: String::new(),
             gid_from_passwd: false,
             group: String::new(),
+            strict_supplemental_groups: false,
+            user: None,
             stop_signal: 15,
         }
     }

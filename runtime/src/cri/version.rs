@@ -2,8 +2,8 @@
 
 use k8s_cri::v1::{
     CgroupDriver, LinuxRuntimeConfiguration, RuntimeCondition, RuntimeConfigResponse,
-    RuntimeStatus, StatusResponse, UpdateRuntimeConfigRequest, UpdateRuntimeConfigResponse,
-    VersionResponse,
+    RuntimeFeatures, RuntimeStatus, StatusResponse, UpdateRuntimeConfigRequest,
+    UpdateRuntimeConfigResponse, VersionResponse,
 };
 
 use super::runtime_config::UpdateError;
@@ -65,7 +65,10 @@ impl CriService {
             }),
             info,
             runtime_handlers: Vec::new(),
-            features: None,
+            // SupplementalGroupsPolicy (Strict) and ContainerStatus.user.
+            features: Some(RuntimeFeatures {
+                supplemental_groups_policy: true,
+            }),
         })
     }
 

@@ -5,9 +5,7 @@ use std::collections::BTreeSet;
 
 use k8s_cri::v1 as cri;
 
-use super::{
-    invalid, unsupported, SpecError, ALL_CAPABILITIES, DEFAULT_CAPABILITIES, DEFAULT_PATH,
-};
+use super::{invalid, SpecError, ALL_CAPABILITIES, DEFAULT_CAPABILITIES, DEFAULT_PATH};
 use crate::image::manifest::ImageConfig;
 
 /// Command and args as Kubernetes documents them (containerd's
@@ -147,6 +145,9 @@ pub(super) struct ProcessUser {
     /// name, or the decimal gid that goes with a user name.
     pub group: Option<String>,
     pub additional_gids: Vec<u32>,
+    /// SupplementalGroupsPolicy Strict: `additional_gids` only, without
+    /// the user's /etc/group memberships.
+    pub strict_groups: bool,
 }
 
 /// One side of a `user[:group]` string.
@@ -224,12 +225,17 @@ pub(super) fn user(
         (Id::Number(uid), Some(Id::Name(group))) => (uid, 0, None, false, Some(group)),
         (Id::Name(name), Some(Id::Name(group))) => (0, 0, Some(name), false, Some(group)),
     };
-    if sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32 {
-        return Err(unsupported(
-            "linux.security_context.supplemental_groups_policy",
-            "Strict is not supported yet: the agent always adds the user's /etc/group memberships",
-        ));
-    }
+    let strict_groups = match cri::SupplementalGroupsPolicy::try_from(sc.supplemental_groups_policy)
+    {
+        Ok(cri::SupplementalGroupsPolicy::Merge) => false,
+        Ok(cri::SupplementalGroupsPolicy::Strict) => true,
+        Err(_) => {
+            return Err(invalid(
+                "linux.security_context.supplemental_groups_policy",
+                format!("unknown policy {}", sc.supplemental_groups_policy),
+            ))
+        }
+    };
     let mut additional_gids = BTreeSet::new();
     for g in &sc.supplemental_groups {
         additional_gids.insert(id_from_i64(
@@ -244,6 +250,7 @@ pub(super) fn user(
         gid_from_passwd,
         group,
         additional_gids: additional_gids.into_iter().collect(),
+        strict_groups,
     })
 }
 

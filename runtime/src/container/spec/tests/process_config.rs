@@ -169,6 +169,7 @@ fn ids(uid: u32, gid: u32, username: Option<&str>) -> ProcessUser {
         gid_from_passwd: false,
         group: None,
         additional_gids: Vec::new(),
+        strict_groups: false,
     }
 }
 
@@ -261,9 +262,21 @@ fn cri_user_overrides_the_image() {
     assert!(user_of(&c, "")
         .unwrap_err()
         .starts_with("linux.security_context.supplemental_groups:"));
-    let c =
-        with_sc(|sc| sc.supplemental_groups_policy = cri::SupplementalGroupsPolicy::Strict as i32);
-    assert!(user_of(&c, "").unwrap_err().contains("Strict"));
+    let c = with_sc(|sc| {
+        sc.run_as_user = Some(Int64Value { value: 1001 });
+        sc.supplemental_groups = vec![7];
+        sc.supplemental_groups_policy = cri::SupplementalGroupsPolicy::Strict as i32;
+    });
+    let u = user_of(&c, "").unwrap();
+    assert!(u.strict_groups && u.additional_gids == [7], "{u:?}");
+    let (req, _) = request(&input(&c, &image()));
+    assert!(req.strict_supplemental_groups);
+    let (req, _) = request(&input(&config(), &image()));
+    assert!(!req.strict_supplemental_groups);
+    let c = with_sc(|sc| sc.supplemental_groups_policy = 7);
+    assert!(user_of(&c, "")
+        .unwrap_err()
+        .starts_with("linux.security_context.supplemental_groups_policy: unknown policy 7"));
 }
 
 #[test]
