@@ -90,6 +90,18 @@ async fn pull_list_status_rootfs_and_remove_through_the_image_service() {
         .await
         .unwrap();
     assert_eq!(puller.stats().blobs_downloaded.load(Ordering::Relaxed), 2);
+    // An identity token for a registry that asks for no token: nothing to
+    // exchange, the pull goes on anonymously (the exchange itself is
+    // tested against a token-only registry in the pull unit tests).
+    let mut req = pull_req(&name);
+    req.get_mut().auth = Some(AuthConfig {
+        identity_token: "refresh".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        svc.pull_image(req).await.unwrap().into_inner().image_ref,
+        id
+    );
 
     let list = svc
         .list_images(Request::new(ListImagesRequest::default()))
@@ -247,12 +259,6 @@ async fn bad_pulls_get_proper_codes_and_change_nothing() {
             .await,
     );
     assert_eq!(e.code(), Code::NotFound, "{e}");
-    let mut req = pull_req(&format!("{host}/library/busybox:latest"));
-    req.get_mut().auth = Some(AuthConfig {
-        identity_token: "refresh".into(),
-        ..Default::default()
-    });
-    assert_eq!(code(svc.pull_image(req).await).code(), Code::Unimplemented);
     let e = code(
         svc.remove_image(Request::new(RemoveImageRequest { image: None }))
             .await,
