@@ -156,6 +156,9 @@ pub struct Containers {
     fanout: stream::OutputFanout,
 }
 
+/// Linux's limit on a process's supplementary groups.
+const NGROUPS_MAX: usize = 65_536;
+
 /// What `request` asks of the agent that older revisions do not know
 /// (they would refuse it as unknown, or ignore it): the pod's agent is
 /// asked its revision first, and a too old one is an error saying so.
@@ -548,11 +551,14 @@ impl Containers {
                 .await
                 .map_err(agent_err)?
                 .into_inner();
-            record.user = created.identity_known.then_some(ProcessIdentity {
-                uid: created.uid,
-                gid: created.gid,
-                groups: created.groups,
-            });
+            // The guest's word: kept only within what Linux allows a
+            // process (NGROUPS_MAX supplementary groups).
+            record.user = (created.identity_known && created.groups.len() <= NGROUPS_MAX)
+                .then_some(ProcessIdentity {
+                    uid: created.uid,
+                    gid: created.gid,
+                    groups: created.groups,
+                });
             tracing::debug!(
                 id = %record.id,
                 host_ms,
