@@ -116,6 +116,27 @@ async fn containers_run_log_exec_survive_a_restart_and_leave_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err}");
+    // A mount asking for what is not done yet (here recursive read-only):
+    // refused before anything is bound.
+    let mut rro = busybox("rro", &["true"], "");
+    rro.mounts = vec![Mount {
+        container_path: "/data".into(),
+        host_path: volume.path().display().to_string(),
+        readonly: true,
+        recursive_read_only: true,
+        ..Default::default()
+    }];
+    let err = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(rro),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("recursive_read_only"), "{err}");
+    assert!(mounts_under(daemon.dir()).is_empty());
 
     // A long-running container with a read-only volume.
     let script =

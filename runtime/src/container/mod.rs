@@ -346,6 +346,7 @@ impl Containers {
             .sandboxes
             .get(&new.sandbox_id)
             .ok_or_else(|| SandboxError::NotFound(new.sandbox_id.clone()))?;
+        spec::check_mounts(config)?;
         self.check_pid_target(&new.sandbox_id, config).await?;
         let (agent, share_root, log_directory, hostname, files) = {
             let mut sandbox = sandbox.lock().await;

@@ -94,6 +94,8 @@
 //!   cannot share the host's, nor are user namespaces supported yet. TARGET
 //!   pid mode (an ephemeral container aimed at another) joins the target's
 //!   pid namespace in the guest; the runtime checks the target first.
+//! - Mounts asking for recursive read-only, id mappings or an image volume
+//!   are refused, before anything is bound (`check_mounts`).
 //! - Host devices (`devices`, `CDI_devices`) are refused: they are not in
 //!   the VM. A privileged container does not get the guest's devices
 //!   either (containerd gives it the host's).
@@ -447,6 +449,37 @@ fn validate_container_id(id: &str) -> Result<(), SpecError> {
             format!("{id:?} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"),
         ))
     }
+}
+
+/// Refuses what the CRI mounts of `config` ask for that carapace does not
+/// do yet, before anything is bound: kubelet sends none of it unless the
+/// runtime declares it (recursive read-only mounts and user-namespace id
+/// mappings per runtime handler, image volumes by the image's host path),
+/// but another client may, and ignoring it would run the container with
+/// less than it asked.
+pub fn check_mounts(config: &cri::ContainerConfig) -> Result<(), SpecError> {
+    for (i, m) in config.mounts.iter().enumerate() {
+        let field = |name: &str| format!("mounts[{i}].{name}");
+        if m.recursive_read_only {
+            return Err(unsupported(
+                field("recursive_read_only"),
+                "recursive read-only mounts are not supported yet",
+            ));
+        }
+        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+            return Err(unsupported(
+                field("uidMappings"),
+                "id-mapped mounts (user namespaces) are not supported yet",
+            ));
+        }
+        if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+            return Err(unsupported(
+                field("image"),
+                "image volumes are not supported yet",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The container whose pid namespace `config` asks to join (pid mode

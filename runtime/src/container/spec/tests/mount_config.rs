@@ -243,3 +243,61 @@ fn bad_mounts_name_the_field() {
         assert!(err.starts_with(want), "{err}");
     }
 }
+
+#[test]
+fn mounts_asking_for_what_is_not_done_yet_are_refused() {
+    let with = |m: cri::Mount| cri::ContainerConfig {
+        mounts: vec![
+            cri::Mount {
+                container_path: "/ok".into(),
+                host_path: "/tmp".into(),
+                ..Default::default()
+            },
+            m,
+        ],
+        ..config()
+    };
+    let plain = cri::Mount {
+        container_path: "/data".into(),
+        host_path: "/srv".into(),
+        readonly: true,
+        ..Default::default()
+    };
+    assert!(check_mounts(&with(plain.clone())).is_ok());
+    let cases = [
+        (
+            cri::Mount {
+                recursive_read_only: true,
+                ..plain.clone()
+            },
+            "mounts[1].recursive_read_only: ",
+        ),
+        (
+            cri::Mount {
+                uid_mappings: vec![cri::IdMapping {
+                    host_id: 1000,
+                    container_id: 0,
+                    length: 1,
+                }],
+                ..plain.clone()
+            },
+            "mounts[1].uidMappings: ",
+        ),
+        (
+            cri::Mount {
+                image: Some(cri::ImageSpec {
+                    image: "busybox".into(),
+                    ..Default::default()
+                }),
+                host_path: String::new(),
+                ..plain.clone()
+            },
+            "mounts[1].image: ",
+        ),
+    ];
+    for (m, prefix) in cases {
+        let err = check_mounts(&with(m)).unwrap_err();
+        assert!(matches!(err, SpecError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().starts_with(prefix), "{err}");
+    }
+}
