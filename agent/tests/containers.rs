@@ -252,10 +252,10 @@ async fn username_is_resolved_from_the_containers_passwd() {
     delete(&mut c, "user").await;
 }
 
-#[tokio::test]
-async fn a_group_by_name_or_number_sets_the_primary_gid() {
-    let agent = Agent::start();
-    let mut c = agent.client().await;
+/// A busybox root whose /etc/passwd has `svc` (uid 1234, gid 2345) and
+/// whose /etc/group has svc's own group, staff (gid 50) with svc as a
+/// member, and `more`.
+fn svc_rootfs(agent: &Agent, more: &str) -> std::path::PathBuf {
     let rootfs = busybox_rootfs(agent.dir.path());
     std::fs::write(
         rootfs.join("etc/passwd"),
@@ -264,9 +264,35 @@ async fn a_group_by_name_or_number_sets_the_primary_gid() {
     .unwrap();
     std::fs::write(
         rootfs.join("etc/group"),
-        "root:x:0:\nsvc:x:2345:\nstaff:x:50:svc\naudio:x:63:\n",
+        format!("root:x:0:\nsvc:x:2345:\nstaff:x:50:svc\n{more}"),
     )
     .unwrap();
+    rootfs
+}
+
+/// Runs `req`, a container printing its /proc/self/status, and checks its
+/// uid, gid and supplementary groups; removes it.
+async fn assert_identity(c: &mut Client, req: CreateContainerRequest, want: (&str, &str, &str)) {
+    let id = req.container_id.clone();
+    let (out, status) = run(c, req).await;
+    assert_eq!(status.exit_code, 0, "{id}: {}", out.stderr());
+    let st = out.stdout();
+    let field = |name| {
+        status_field(&st, name)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid"), [want.0; 4], "{id}");
+    assert_eq!(field("Gid"), [want.1; 4], "{id}");
+    assert_eq!(status_field(&st, "Groups"), want.2, "{id}");
+    delete(c, &id).await;
+}
+
+#[tokio::test]
+async fn a_group_by_name_or_number_sets_the_primary_gid() {
+    let agent = Agent::start();
+    let mut c = agent.client().await;
+    let rootfs = svc_rootfs(&agent, "audio:x:63:\n");
     // (container, username, group) -> Uid, Gid and Groups of the process.
     let cases = [
         ("name-name", "svc", "audio", "1234", "63", "50"),
@@ -281,18 +307,7 @@ async fn a_group_by_name_or_number_sets_the_primary_gid() {
             group: group.into(),
             ..create_req(id, &s)
         };
-        let (out, status) = run(&mut c, req).await;
-        assert_eq!(status.exit_code, 0, "{id}: {}", out.stderr());
-        let st = out.stdout();
-        let field = |name| {
-            status_field(&st, name)
-                .split_whitespace()
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(field("Uid"), [uid; 4], "{id}");
-        assert_eq!(field("Gid"), [gid; 4], "{id}");
-        assert_eq!(status_field(&st, "Groups"), groups, "{id}");
-        delete(&mut c, id).await;
+        assert_identity(&mut c, req, (uid, gid, groups)).await;
     }
     // A group the container does not have: the create fails, naming it.
     let req = CreateContainerRequest {
@@ -324,17 +339,7 @@ async fn a_group_by_name_or_number_sets_the_primary_gid() {
 async fn numeric_user_takes_its_gid_from_the_containers_passwd() {
     let agent = Agent::start();
     let mut c = agent.client().await;
-    let rootfs = busybox_rootfs(agent.dir.path());
-    std::fs::write(
-        rootfs.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nsvc:x:1234:2345:Svc:/home/app:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(
-        rootfs.join("etc/group"),
-        "root:x:0:\nsvc:x:2345:\nstaff:x:50:svc\n",
-    )
-    .unwrap();
+    let rootfs = svc_rootfs(&agent, "");
     // (container, uid, gid_from_passwd) -> Gid and Groups of the process.
     let cases = [
         ("passwd-gid", "1234", true, "2345", "50"),
@@ -351,18 +356,7 @@ async fn numeric_user_takes_its_gid_from_the_containers_passwd() {
             gid_from_passwd,
             ..create_req(id, &s)
         };
-        let (out, status) = run(&mut c, req).await;
-        assert_eq!(status.exit_code, 0, "{id}: {}", out.stderr());
-        let st = out.stdout();
-        let field = |name| {
-            status_field(&st, name)
-                .split_whitespace()
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(field("Uid"), [uid; 4], "{id}");
-        assert_eq!(field("Gid"), [gid; 4], "{id}");
-        assert_eq!(status_field(&st, "Groups"), groups, "{id}");
-        delete(&mut c, id).await;
+        assert_identity(&mut c, req, (uid, gid, groups)).await;
     }
 
     // An exec asks for it the same way.
