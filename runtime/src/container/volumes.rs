@@ -7,7 +7,9 @@
 //! container later writes into a read-write volume stays inside that
 //! volume's directory. Read-only mounts are made read-only on the host
 //! already, so a guest cannot write through them whatever it asks
-//! virtiofsd.
+//! virtiofsd. That holds for the volume's own mount: mounts below it keep
+//! their flags, the non-recursive read-only CRI asks for (recursive
+//! read-only is refused, see `spec::check_mounts`).
 
 use std::io;
 use std::path::{Path, PathBuf};
