@@ -148,10 +148,11 @@ impl Agent for AgentService {
         let identity = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|s| crate::container::user::identity_in_status(&s));
-        let (uid, gid, groups) = identity.clone().unwrap_or_default();
+        let identity_known = identity.is_some();
+        let (uid, gid, groups) = identity.unwrap_or_default();
         Ok(Response::new(CreateContainerResponse {
             pid: u32::try_from(pid).unwrap_or(0),
-            identity_known: identity.is_some(),
+            identity_known,
             uid,
             gid,
             groups,

@@ -162,7 +162,7 @@ const NGROUPS_MAX: usize = 65_536;
 /// What `request` asks of the agent that older revisions do not know
 /// (they would refuse it as unknown, or ignore it): the pod's agent is
 /// asked its revision first, and a too old one is an error saying so.
-async fn require_agent_revision(
+async fn require_revision_for(
     agent: &AgentClient,
     sandbox_id: &str,
     request: &carapace_agent_api::v1::CreateContainerRequest,
@@ -188,23 +188,7 @@ async fn require_agent_revision(
     let Some((_, needed, what)) = needs.into_iter().filter(|n| n.0).max_by_key(|n| n.1) else {
         return Ok(());
     };
-    let health = agent
-        .clone()
-        .health()
-        .await
-        .map_err(|e| SandboxError::NotReady {
-            id: sandbox_id.to_owned(),
-            reason: format!("cannot reach the agent: {e}"),
-        })?;
-    if health.api_version < needed {
-        return Err(SandboxError::AgentTooOld {
-            id: sandbox_id.to_owned(),
-            what,
-            version: health.api_version,
-            needed,
-        }
-        .into());
-    }
+    crate::sandbox::require_agent_revision(agent, sandbox_id, needed, what).await?;
     Ok(())
 }
 
@@ -539,7 +523,7 @@ impl Containers {
                 pod_hostname: pod.hostname.clone(),
                 pod_sysctls: pod.sysctls.clone(),
             })?;
-            require_agent_revision(agent, &record.sandbox_id, &request).await?;
+            require_revision_for(agent, &record.sandbox_id, &request).await?;
             record.gid_from_passwd = request.gid_from_passwd;
             record.process_json = process_of(&request)?;
             record.username = request.username.clone();

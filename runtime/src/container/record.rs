@@ -24,7 +24,6 @@ pub struct MountRecord {
     pub propagation: i32,
 }
 
-/// One container, as stored on disk.
 /// A process's uid, primary gid and supplementary groups.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessIdentity {
@@ -33,6 +32,7 @@ pub struct ProcessIdentity {
     pub groups: Vec<u32>,
 }
 
+/// One container, as stored on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerRecord {
     pub id: String,

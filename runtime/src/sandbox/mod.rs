@@ -97,6 +97,33 @@ pub struct Sandboxes {
     pool: Arc<WarmPool>,
 }
 
+/// Asks the agent of sandbox `id` its API revision: one older than
+/// `needed` is an error saying that `what` needs a newer guest image.
+pub async fn require_agent_revision(
+    agent: &AgentClient,
+    id: &str,
+    needed: u32,
+    what: &'static str,
+) -> Result<(), SandboxError> {
+    let health = agent
+        .clone()
+        .health()
+        .await
+        .map_err(|e| SandboxError::NotReady {
+            id: id.to_owned(),
+            reason: format!("cannot reach the agent: {e}"),
+        })?;
+    if health.api_version < needed {
+        return Err(SandboxError::AgentTooOld {
+            id: id.to_owned(),
+            what,
+            version: health.api_version,
+            needed,
+        });
+    }
+    Ok(())
+}
+
 impl Sandboxes {
     /// Opens the store and reloads the recorded sandboxes. A sandbox whose
     /// VM is gone is marked not ready with the reason; unreadable records
@@ -697,20 +724,14 @@ impl Sandboxes {
             .get(id)
             .ok_or_else(|| SandboxError::NotFound(id.to_owned()))?;
         let mut sandbox = sandbox.lock().await;
-        let mut agent = self.agent(&mut sandbox).await?;
-        let health = agent.health().await.map_err(|e| SandboxError::NotReady {
-            id: id.to_owned(),
-            reason: format!("cannot reach the agent: {e}"),
-        })?;
-        let needed = carapace_agent_api::PORT_FORWARD_API_VERSION;
-        if health.api_version < needed {
-            return Err(SandboxError::AgentTooOld {
-                id: id.to_owned(),
-                what: "port-forward",
-                version: health.api_version,
-                needed,
-            });
-        }
+        let agent = self.agent(&mut sandbox).await?;
+        require_agent_revision(
+            &agent,
+            id,
+            carapace_agent_api::PORT_FORWARD_API_VERSION,
+            "port-forward",
+        )
+        .await?;
         Ok(sandbox
             .record
             .vm
